@@ -480,9 +480,11 @@ class BootstrapResult:
     reach (excluded from the intervals; a large value says the margin is at the edge of what is reachable)."""
 
     lam: Interval
-    predicted_safety_gain: Interval
+    predicted_safety_gain: Interval  # of π_{λ*(resample)}: degenerate (= margin) for active constraints
     predicted_reward_gain: Interval
     predicted_kl: Interval
+    safety_gain_at_lam: Interval  # of π_λ̂ with λ̂ fixed at the full-sample solution: what evaluation tests
+    reward_gain_at_lam: Interval
     level: float
     n_resamples: int
     infeasible_fraction: float
@@ -503,8 +505,9 @@ def bootstrap(
 ) -> BootstrapResult:
     """Confidence intervals for λ* and the predicted gains by resampling prompts with replacement.
 
-    Each resample re-solves the dual warm-started from the full-sample λ*; intervals are percentile
-    intervals at ``level``.
+    Each resample re-solves the dual warm-started from the full-sample λ* (intervals for λ* and the
+    predictions of π_{λ*}), and also evaluates π_λ̂ at the full-sample λ̂ (``*_at_lam``: the sampling
+    uncertainty of the gains that training at λ̂ should achieve). Percentile intervals at ``level``.
     """
     if not 0 < level < 1:
         raise ValueError(f"level: must be in (0, 1), got {level}")
@@ -514,11 +517,16 @@ def bootstrap(
     full = _solve(p, None, tol, 100)
     rng = np.random.default_rng(seed)
     n = p.reward.shape[0]
-    draws: dict[str, list] = {"lam": [], "safety_gain": [], "reward_gain": [], "kl": []}
+    draws: dict[str, list] = {"lam": [], "safety_gain": [], "reward_gain": [], "kl": [],
+                              "safety_gain_at_lam": [], "reward_gain_at_lam": []}
     infeasible = 0
     for _ in range(int(n_resamples)):
         idx = rng.integers(0, n, size=n)
         sub = _problem(p.reward[idx], p.safety[idx], p.log_q[idx], p.margin, p.beta)
+        if full.feasible:
+            fixed = _Point(sub, full.lam).terms()
+            draws["safety_gain_at_lam"].append(fixed.safety_gain)
+            draws["reward_gain_at_lam"].append(fixed.reward_gain)
         sol = _solve(sub, full.lam if full.feasible else None, tol, 100)
         if not sol.feasible:
             infeasible += 1
@@ -543,6 +551,8 @@ def bootstrap(
         predicted_safety_gain=interval("safety_gain", full.predicted_safety_gain),
         predicted_reward_gain=interval("reward_gain", full.predicted_reward_gain),
         predicted_kl=interval("kl", full.predicted_kl),
+        safety_gain_at_lam=interval("safety_gain_at_lam", full.predicted_safety_gain),
+        reward_gain_at_lam=interval("reward_gain_at_lam", full.predicted_reward_gain),
         level=level,
         n_resamples=int(n_resamples),
         infeasible_fraction=infeasible / int(n_resamples),

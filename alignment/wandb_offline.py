@@ -20,7 +20,11 @@ step), ``summary`` (nested updates/removals) and ``files``.  All values are stor
 (``NaN``/``Infinity`` included) and are decoded here.  W&B's internal ``_wandb`` entry is dropped from
 config and summary.
 
-wandb's summary lags in offline mode: read a run only after ``run.finish()`` returned.
+wandb's summary lags in offline mode: read a run only after ``run.finish()`` returned.  Even then the log may
+not be on disk yet: ``wandb-core`` buffers the log and flushes it when it closes the run's stream, which
+``finish()`` requests without waiting (seen as a file holding only its 7-byte header right after
+``finish()``).  A finished run's log ends with an ``exit`` record, so ``read_offline_run`` waits (up to
+``wait`` seconds) for that record and reports whether it saw it in ``OfflineRun.complete``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class OfflineRun:
     history: list[dict[str, Any]]  # one dict per logged step (keys incl. _step), values JSON-decoded
     summary: dict[str, Any]
     files: list[str] = field(default_factory=list)  # names of files saved into the run (media, tables...)
+    complete: bool = False  # the log holds the run's exit record: finished and fully flushed
 
 
 def _read_chunks(data: bytes, source: str) -> Iterator[bytes]:
@@ -170,9 +175,7 @@ def _resolve_log_file(path: Path) -> Path:
     return candidates[0]
 
 
-def read_offline_run(path: str | Path) -> OfflineRun:
-    """Rebuild a run from its ``run-<id>.wandb`` file, or from the ``offline-run-*`` dir holding it."""
-    log_file = _resolve_log_file(Path(path))
+def _replay(log_file: Path) -> OfflineRun:
     run_id = ""
     project = group = job_type = None
     tags: list[str] = []
@@ -180,6 +183,7 @@ def read_offline_run(path: str | Path) -> OfflineRun:
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     files: dict[str, None] = {}  # ordered set
+    complete = False
 
     for record in iter_records(log_file):
         kind = record.WhichOneof("record_type")
@@ -215,6 +219,8 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         elif kind == "files":
             for file_item in record.files.files:
                 files[file_item.path] = None
+        elif kind == "exit":
+            complete = True
 
     if not run_id:
         match = _RUN_DIR_RE.match(log_file.parent.name)
@@ -231,21 +237,57 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         history=history,
         summary=summary,
         files=list(files),
+        complete=complete,
     )
+
+
+def read_offline_run(path: str | Path, *, wait: float = 10.0) -> OfflineRun:
+    """Rebuild a run from its ``run-<id>.wandb`` file, or from the ``offline-run-*`` dir holding it.
+
+    If the log has no exit record yet (wandb-core still flushing it after ``finish()``, or a crashed or
+    still-running run), re-read it every 50 ms for up to ``wait`` seconds, then return what is there with
+    ``complete=False``.  Pass ``wait=0`` to read crashed or live runs without delay.
+    """
+    log_file = _resolve_log_file(Path(path))
+    deadline = time.monotonic() + wait
+    while True:
+        run = _replay(log_file)
+        if run.complete or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.05)
+
+
+def _start_time_ns(log_file: Path) -> int | None:
+    """``start_time`` of the run record, read from the first blocks of the log only (None if not there)."""
+    from wandb.proto import wandb_internal_pb2
+
+    with log_file.open("rb") as fh:
+        head = fh.read(2 * _BLOCK_SIZE)
+    try:
+        for payload in _read_chunks(head, str(log_file)):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "run" and record.run.HasField("start_time"):
+                return record.run.start_time.ToNanoseconds()
+    except ValueError:
+        return None
+    return None
 
 
 def _sort_key(log_file: Path) -> tuple[str, int, str]:
     mtime_ns = log_file.stat().st_mtime_ns
     match = _RUN_DIR_RE.match(log_file.parent.name)
     stamp = match.group(1) if match else time.strftime("%Y%m%d_%H%M%S", time.localtime(mtime_ns / 1e9))
-    return stamp, mtime_ns, str(log_file)
+    start_ns = _start_time_ns(log_file)
+    return stamp, mtime_ns if start_ns is None else start_ns, str(log_file)
 
 
 def find_offline_runs(wandb_dir: str | Path) -> list[Path]:
     """The ``.wandb`` run logs under ``wandb_dir`` (searched recursively), oldest run first.
 
     ``wandb_dir`` may be the ``dir`` given to ``wandb.init`` or the ``wandb/`` folder inside it.  Runs are
-    ordered by the start time in their directory name (second resolution), then by last modification.
+    ordered by the start time in their directory name (second resolution), then by the exact start time in
+    their run record (or, while that is not flushed yet, the log's modification time).
     """
     root = Path(wandb_dir)
     if not root.is_dir():

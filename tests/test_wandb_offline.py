@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,8 +107,9 @@ def test_roundtrip_single_run(offline_env: Path) -> None:
     assert logs[0].parent.name.startswith("offline-run-")
     assert find_offline_runs(tmp_path / "wandb") == logs
 
-    rec = read_offline_run(logs[0])
+    rec = read_offline_run(logs[0])  # waits for wandb-core to flush the log (it does so after finish())
     assert isinstance(rec, OfflineRun)
+    assert rec.complete
     assert read_offline_run(logs[0].parent) == rec  # the run directory works too
 
     assert rec.run_id == run_id
@@ -178,6 +180,7 @@ def test_sequential_runs_are_separate(offline_env: Path) -> None:
 
     for k, path in enumerate(logs):
         rec = read_offline_run(path)
+        assert rec.complete
         assert rec.run_id == ids[k]
         assert rec.group == f"g{k}" and rec.job_type == f"job{k}" and rec.tags == []
         assert rec.config == {"k": k, "n": {"v": k}}
@@ -202,6 +205,7 @@ def test_records_spanning_blocks(offline_env: Path) -> None:
     (path,) = find_offline_runs(tmp_path)
     assert path.stat().st_size > 3 * 32 * 1024
     rec = read_offline_run(path)
+    assert rec.complete
     assert rec.config == {"blob": blob}
     assert rec.tags == ["x", "y"]
     assert [_without_timing(r) for r in rec.history] == [
@@ -249,7 +253,10 @@ def test_synthetic_log_and_corruption(tmp_path: Path) -> None:
     run_rec.run.project = "p"
     item = run_rec.run.config.update.add()
     item.key, item.value_json = "pad", '"' + "z" * 70_000 + '"'
+    exit_rec = wandb_internal_pb2.Record()
+    exit_rec.exit.exit_code = 0
     payloads = [run_rec.SerializeToString()] + [_history_record(i, i / 3) for i in range(2000)]
+    payloads.append(exit_rec.SerializeToString())
     data = _write_log(payloads)
     run_dir = tmp_path / "wandb" / "offline-run-20240101_000000-abc123"
     run_dir.mkdir(parents=True)
@@ -258,12 +265,19 @@ def test_synthetic_log_and_corruption(tmp_path: Path) -> None:
 
     assert len(list(iter_records(path))) == len(payloads)
     rec = read_offline_run(run_dir)
+    assert rec.complete
     assert rec.run_id == "abc123" and rec.project == "p" and rec.group is None
     assert rec.config == {"pad": "z" * 70_000}
     assert rec.history == [{"_step": i, "m": i / 3} for i in range(2000)]
 
-    path.write_bytes(data[:-5])  # a run killed mid-write: the torn last record is dropped
-    assert read_offline_run(path).history == [{"_step": i, "m": i / 3} for i in range(1999)]
+    torn = _write_log(payloads[:-1])[:-5]  # a run killed mid-write: no exit record, torn last record
+    path.write_bytes(torn)
+    started = time.monotonic()
+    rec = read_offline_run(path, wait=0.2)
+    assert 0.2 <= time.monotonic() - started < 5
+    assert not rec.complete
+    assert rec.history == [{"_step": i, "m": i / 3} for i in range(1999)]
+    path.write_bytes(data)
 
     corrupt = bytearray(data)
     corrupt[200] ^= 0xFF

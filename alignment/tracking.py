@@ -1,0 +1,154 @@
+"""Run tracking: one small interface, local files always, W&B when asked (offline unless the user logs in).
+
+    tracker.log({"train/loss": 0.3}, step=10)
+    tracker.log_table("dual/curve", columns, rows)
+    tracker.log_figure("dual/curve", fig)
+    tracker.finish(summary)
+
+Keys are namespaced: dual/, predicted/, train/, eval/, compute/, time/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from alignment.store import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def log_figure(self, name: str, figure: Any) -> None: ...
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None: ...
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class LocalTracker:
+    """Writes ``metrics.jsonl`` (one line per log call), ``tables/<name>.json`` and ``figures/<name>.{png,pdf}``
+    under the run directory; figures built later read these files, not a tracker."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()  # a crashed run keeps every step it logged
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        data = {"columns": list(columns), "rows": [[_jsonable(v) for v in row] for row in rows]}
+        atomic_write_json(self.run_dir / "tables" / f"{_slug(name)}.json", data)
+
+    def log_figure(self, name: str, figure: Any) -> None:
+        out = self.run_dir / "figures"
+        out.mkdir(parents=True, exist_ok=True)
+        for ext in ("png", "pdf"):
+            tmp = out / f".{_slug(name)}.tmp.{ext}"
+            figure.savefig(tmp, bbox_inches="tight")
+            os.replace(tmp, out / f"{_slug(name)}.{ext}")
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if summary is not None:
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        if not self._metrics.closed:
+            self._metrics.close()
+
+
+class WandbTracker:
+    """A W&B run per job: group = the sweep, job_type = the algorithm, the resolved config attached.
+
+    Mode: ``mode`` if given, else WANDB_MODE, else online when an API key is configured, else offline, so a
+    first run needs no account. ``finish`` always ends the run, so a multirun in one process never merges jobs.
+    """
+
+    def __init__(self, run_dir: str | Path, *, project: str, config: dict[str, Any], group: str | None,
+                 job_type: str, tags: Sequence[str], name: str | None, entity: str | None = None,
+                 mode: str | None = None):
+        import wandb
+
+        self._wandb = wandb
+        self.mode = mode or os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+        self.run = wandb.init(project=project, entity=entity, group=group, job_type=job_type, tags=list(tags),
+                              name=name, config=config, dir=str(run_dir), mode=self.mode, reinit="finish_previous")
+        log.info("W&B run %s (%s) in %s", self.run.id, self.mode, run_dir)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.run.log({name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def log_figure(self, name: str, figure: Any) -> None:
+        self.run.log({name: self._wandb.Image(figure)})
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        if summary:
+            self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        self.run.finish()
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+class MultiTracker:
+    """Fans every call out to several trackers (local first, so its files exist even if W&B fails)."""
+
+    def __init__(self, trackers: Sequence[Tracker]):
+        self.trackers = list(trackers)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        for t in self.trackers:
+            t.log(metrics, step)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        for t in self.trackers:
+            t.log_table(name, columns, rows)
+
+    def log_figure(self, name: str, figure: Any) -> None:
+        for t in self.trackers:
+            t.log_figure(name, figure)
+
+    def finish(self, summary: dict[str, Any] | None = None) -> None:
+        for t in self.trackers:
+            t.finish(summary)
+
+
+def make_tracker(kind: str, run_dir: str | Path, **wandb_kwargs: Any) -> MultiTracker:
+    """``kind``: "wandb" (local + W&B) or "none" (local files only)."""
+    trackers: list[Tracker] = [LocalTracker(run_dir)]
+    if kind == "wandb":
+        trackers.append(WandbTracker(run_dir, **wandb_kwargs))
+    elif kind != "none":
+        raise ValueError(f"tracker.kind: 'wandb' or 'none', got {kind!r}")
+    return MultiTracker(trackers)
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "_")
