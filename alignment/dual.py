@@ -251,7 +251,7 @@ class _Point:
         needs no pass beyond E_{π_λ} r.
         """
         self.finish()
-        p, n = self.p, self.p.reward.shape[0]
+        p = self.p
         mean_r = np.einsum("nk,nk->n", self.e, p.reward)  # E_{π_λ}[r | x], [N]
         reward_gain = float(mean_r.mean()) - p.ref_reward
         kl = float(np.mean((mean_r + self.mean_g @ self.lam) / p.beta - self.lse))
