@@ -1,0 +1,115 @@
+"""The Hydra application: every config composes, typos fail, the CLI runs single jobs and sweeps, and the
+W&B run it logs can be read back from its offline files."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import alignment
+from alignment.config import Config, register_configs
+from alignment.wandb_offline import find_offline_runs, read_offline_run
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+register_configs()
+
+
+def group_options() -> list[tuple[str, str]]:
+    return sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize(("group", "option"), group_options())
+def test_every_config_option_composes_and_converts(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+
+
+def test_every_module_imports():
+    for info in pkgutil.walk_packages(alignment.__path__, "alignment."):
+        importlib.import_module(info.name)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("safety.margni=0.3", "margni"),  # typo in a key
+        ("trainer.lr=fast", "lr"),  # wrong type
+        ("algorithm.pairs_per_prompt=1.5", "pairs_per_prompt"),
+        ("dataset=nonexistent", "nonexistent"),
+    ],
+)
+def test_bad_overrides_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        compose_config([override])
+
+
+def test_invalid_values_fail_at_conversion_naming_the_field():
+    with pytest.raises(Exception, match="algorithm.beta"):
+        OmegaConf.to_object(compose_config(["algorithm.beta=-1"]))
+    with pytest.raises(Exception, match="safety.margin"):
+        OmegaConf.to_object(compose_config(["safety.margin=[0.1,0.2]"]))
+
+
+def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+SMALL = ["dataset.n_prompts=30", "sampling.num_samples=16", "algorithm.pairs_per_prompt=16", "trainer.epochs=5",
+         "algorithm.dual.bootstrap=20", "eval.bootstrap=50"]
+
+
+def test_cli_single_run_logs_wandb_offline(tmp_path):
+    out = _run_cli([*SMALL, "hydra.run.dir=run", "tracker.tags=[smoke]"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert "lambda*" in out.stdout + out.stderr and "achieved" in out.stdout + out.stderr
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()  # the resolved config is kept
+    runs = find_offline_runs(tmp_path / "run")
+    assert len(runs) == 1
+    run = read_offline_run(runs[0])
+    assert run.complete and run.job_type == "mocan" and run.tags == ["smoke"]
+    assert run.config["safety"]["margin"] == 0.5 and run.config["algorithm"]["beta"] == 0.5
+    assert run.summary["eval/reward_gain"] == pytest.approx(summary["eval/reward_gain"])
+    assert run.summary["dual/lambda"] == pytest.approx(summary["dual/lambda"])
+    logged_losses = [row["train/loss"] for row in run.history if "train/loss" in row]
+    local = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged_losses == pytest.approx([r["train/loss"] for r in local if "train/loss" in r])
+    assert any("dual/curve" in row for row in run.history)  # the dual curve table was logged
+
+
+def test_cli_multirun_sweeps_margins_into_separate_runs(tmp_path):
+    out = _run_cli(["-m", *SMALL, "safety.margin=0.1,0.3", "hydra.sweep.dir=sweep"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert [s["margin"] for s in summaries] == [[0.1], [0.3]]
+    assert summaries[0]["dual/lambda"][0] < summaries[1]["dual/lambda"][0]
+    runs = [read_offline_run(p) for p in find_offline_runs(tmp_path / "sweep")]
+    assert len(runs) == 2 and len({r.run_id for r in runs}) == 2  # one W&B run per job, never merged
+    assert runs[0].group == runs[1].group and runs[0].group.startswith("sweep")
+    assert sorted(r.config["safety"]["margin"] for r in runs) == [0.1, 0.3]
+
+
+def test_cli_rejects_typo_with_hydra_message(tmp_path):
+    out = _run_cli(["safety.margni=0.3"], tmp_path)
+    assert out.returncode != 0
+    assert "margni" in out.stderr

@@ -1,0 +1,53 @@
+"""The stage-2 loss: hand-worked values and its optimum at π_λ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignment.losses import preference_labels, preference_metrics, pseudo_preference_loss
+
+
+def test_hand_worked_value():
+    """ρ1 - ρ0 = 2, β = 0.5 -> h = 1; p = 0.75: loss = -(0.75 log σ(1) + 0.25 log σ(-1)).
+
+    log σ(1) = -0.31326, log σ(-1) = -1.31326 -> loss = 0.75·0.31326 + 0.25·1.31326 = 0.56326.
+    """
+    loss = pseudo_preference_loss(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([0.75]), 0.5)
+    assert loss.item() == pytest.approx(0.75 * 0.3132617 + 0.25 * 1.3132617, rel=1e-6)
+
+
+def test_hard_label_is_dpo():
+    rho_1, rho_0 = torch.tensor([0.3, -1.0]), torch.tensor([0.1, 0.5])
+    beta = 0.1
+    dpo = -torch.nn.functional.logsigmoid(beta * (rho_1 - rho_0))
+    torch.testing.assert_close(pseudo_preference_loss(rho_1, rho_0, torch.ones(2), beta), dpo)
+
+
+def test_minimum_at_composite_reward_difference():
+    """For one pair the loss in h is minimised where σ(h) = p, i.e. β Δρ = Δr_λ."""
+    delta_r = torch.tensor(0.8)
+    p = preference_labels(delta_r, torch.tensor(0.0), mode="soft")
+    beta = 0.25
+    grid = torch.linspace(-10, 10, 20001)
+    losses = pseudo_preference_loss(grid, torch.zeros_like(grid), p.expand_as(grid), beta)
+    best = grid[losses.argmin()]
+    assert beta * best.item() == pytest.approx(0.8, abs=2e-3)
+
+
+def test_sampled_labels_are_bernoulli_with_soft_mean():
+    g = torch.Generator().manual_seed(0)
+    r1 = torch.full((20000,), 1.0)
+    labels = preference_labels(r1, torch.zeros_like(r1), mode="sampled", generator=g)
+    assert set(labels.unique().tolist()) <= {0.0, 1.0}
+    assert labels.mean().item() == pytest.approx(1 / (1 + math.exp(-1)), abs=0.01)
+    with pytest.raises(ValueError, match="labels"):
+        preference_labels(r1, r1, mode="hard")
+
+
+def test_metrics():
+    m = preference_metrics(torch.tensor([1.0, -1.0, 0.0]), torch.zeros(3), torch.tensor([0.9, 0.8, 0.5]), 2.0)
+    assert m["reward_margin"] == pytest.approx(0.0)
+    assert m["label_accuracy"] == pytest.approx(0.5)  # the tie label (0.5) is not counted
