@@ -48,24 +48,98 @@ class TabularModelConfig:
 
 
 @dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+@dataclass
+class HFModelConfig:
+    """A causal LM by hub id or local path, aligned through a LoRA adapter. ``trust_remote_code`` stays off
+    unless a config turns it on."""
+
+    kind: str = "hf"
+    name: str = "hf"
+    name_or_path: str = MISSING
+    revision: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    lora: LoraSpec | None = field(default_factory=LoraSpec)
+    max_length: int = 512  # prompt + response tokens kept for log-probabilities and training
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype: float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
 class ScorerSpec:
-    """One score column. ``direction: -1`` turns a cost into a safety utility, explicitly."""
+    """One score column. ``direction: -1`` turns a cost into a safety utility, explicitly, never by convention.
+
+    kind "gold": the world's own scorer named ``name`` (tabular tables; the toy world's text scorers).
+    kind "model": a learned scorer at ``path`` (any AutoModelForSequenceClassification with one label, or a
+    Beaver ``LlamaForScore``), reading ``template.format(prompt=..., response=...)``.
+    """
 
     name: str = MISSING
     direction: int = 1
+    kind: str = "gold"
+    path: str | None = None
+    template: str = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
+    batch_size: int = 16
+    dtype: str = "float32"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.direction not in (1, -1):
             raise ValueError(f"scorer direction for {self.name!r}: 1 (higher is better) or -1 (a cost)")
+        if self.kind not in ("gold", "model"):
+            raise ValueError(f"scorer kind for {self.name!r}: 'gold' or 'model', got {self.kind!r}")
+        if self.kind == "model" and not self.path:
+            raise ValueError(f"scorer {self.name!r}: kind 'model' needs a path (hub id or local folder)")
 
 
 @dataclass
-class TabularScorerConfig:
-    """Gold scores read from the tabular world's tables."""
+class ScorerConfig:
+    """The reward r and the safety scores g_1..g_m (one per constraint)."""
 
-    kind: str = "tabular"
+    kind: str = "tabular"  # tabular | text
     reward: ScorerSpec = field(default_factory=lambda: ScorerSpec(name="helpfulness"))
     safety: list[ScorerSpec] = field(default_factory=lambda: [ScorerSpec(name="harmlessness")])
+
+
+@dataclass
+class ToyDatasetConfig:
+    """The synthetic toy safety world (alignment/toy.py): benign and harmful prompts, made by code."""
+
+    kind: str = "toy"
+    name: str = "toy"
+    n_prompts: int = 240
+    harmful_fraction: float = 0.5
+    eval_fraction: float = 0.25  # held-out prompts for evaluation; the rest feed the dual and stage 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_prompts")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"dataset.eval_fraction: in (0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class ToyModelConfig(HFModelConfig):
+    """The toy world's reference: a tiny LlamaForCausalLM SFT-ed on the world's demonstrations (cached)."""
+
+    kind: str = "toy"
+    name: str = "toy-llama"
+    name_or_path: str = "built-in"
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    sft_steps: int = 600
+    sft_seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,6 +187,7 @@ class AlgorithmConfig:
     beta: float = 0.1  # KL coefficient β: the same β in the dual and in the stage-2 loss
     labels: str = "soft"  # soft: p = σ(Δ r_λ) in the loss; sampled: Bernoulli(p) hard labels (the paper)
     pairs_per_prompt: int = 8
+    pair_source: str = "samples"  # samples: pairs of π_ref samples; dataset: the dataset's own response pairs
     dual: DualConfig = field(default_factory=DualConfig)
 
     def __post_init__(self) -> None:
@@ -121,16 +196,26 @@ class AlgorithmConfig:
         if self.labels not in ("soft", "sampled"):
             raise ValueError(f"algorithm.labels: 'soft' or 'sampled', got {self.labels!r}")
         _positive(self, "pairs_per_prompt")
+        if self.pair_source not in ("samples", "dataset"):
+            raise ValueError(f"algorithm.pair_source: 'samples' or 'dataset', got {self.pair_source!r}")
 
 
 @dataclass
 class SamplingConfig:
-    num_samples: int = 64  # K responses per prompt from π_ref: the dual's sample and the pair pool
+    """π_ref samples for the dual and the pair pool."""
+
+    num_samples: int = 64  # K responses per prompt
     exact: bool = False  # tabular only: list every candidate with its π_ref probability instead of sampling
+    temperature: float = 1.0  # language models: sample π_ref itself (T = 1, top_p = 1) so the dual is unbiased
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    batch_size: int = 64  # sequences per generate() call
 
     def __post_init__(self) -> None:
         if self.num_samples < 2:
             raise ValueError(f"sampling.num_samples: the dual needs K >= 2, got {self.num_samples}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError("sampling.temperature must be > 0 and sampling.top_p in (0, 1]")
 
 
 @dataclass
@@ -144,6 +229,7 @@ class TrainerConfig:
     scheduler: str = "constant"  # constant | cosine
     warmup_steps: int = 0
     log_every: int = 10
+    checkpoint_every: int = 0  # optimiser steps between checkpoints (0: none); a rerun resumes from the last
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "epochs", "batch_size", "grad_accum", "log_every")
@@ -155,6 +241,9 @@ class TrainerConfig:
 class EvalConfig:
     bootstrap: int = 1000  # resamples for confidence intervals of the achieved gains
     level: float = 0.95
+    num_samples: int = 4  # language models: responses per held-out prompt from the policy and from π_ref
+    max_prompts: int | None = None  # cap on held-out prompts (None: all)
+    table_rows: int = 16  # sample generations logged as a table
     # Allowance, in safety units, for "constraint met": stage 2 is a finite optimisation from samples.
     tolerance: float = 0.02
 
@@ -218,8 +307,11 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="dataset", name="base_tabular", node=TabularDatasetConfig)
+    cs.store(group="dataset", name="base_toy", node=ToyDatasetConfig)
     cs.store(group="model", name="base_tabular", node=TabularModelConfig)
-    cs.store(group="scorer", name="base_tabular", node=TabularScorerConfig)
+    cs.store(group="model", name="base_toy", node=ToyModelConfig)
+    cs.store(group="model", name="base_hf", node=HFModelConfig)
+    cs.store(group="scorer", name="base_scorer", node=ScorerConfig)
     cs.store(group="safety", name="base_safety", node=SafetyConfig)
     cs.store(group="algorithm", name="base_algorithm", node=AlgorithmConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)

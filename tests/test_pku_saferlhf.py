@@ -1,4 +1,4 @@
-"""PKU-SafeRLHF loader on the verbatim sample records in ../shared/data (see its README)."""
+"""PKU-SafeRLHF loader on verbatim sample records (tests/data, copied from the shared fixtures)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from alignment.pku_saferlhf import (
     split_records,
 )
 
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pku_saferlhf_sample.jsonl"
-pytestmark = pytest.mark.skipif(not SAMPLE.is_file(), reason=f"sample data not found at {SAMPLE}")
+SAMPLE = Path(__file__).resolve().parent / "data" / "pku_saferlhf_sample.jsonl"  # verbatim copy, see README
 
 
 def _raw_lines() -> list[dict]:

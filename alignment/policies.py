@@ -1,0 +1,153 @@
+"""Language-model policies: a causal LM with a LoRA adapter, whose reference is the same weights with the
+adapter disabled.
+
+    policy = load_policy(HFModelConfig(name_or_path="...", lora=LoraSpec(r=8)))
+    logp = sequence_logprob(policy.model, policy.tokenizer, prompts, responses)        # log π_θ(y|x)
+    with policy.reference():                                                           # log π_ref(y|x)
+        ref = sequence_logprob(policy.model, policy.tokenizer, prompts, responses)
+
+Log-probabilities are summed over the response tokens only; the prompt is formatted with the tokenizer's chat
+template when it has one, so scoring, sampling and training all see the same text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignment.config import HFModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Policy:
+    model: nn.Module  # a peft model when LoRA is configured
+    tokenizer: Any
+    has_adapter: bool
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """π_ref: the same weights with the LoRA adapter switched off (exact, no second copy in memory)."""
+        if self.has_adapter:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _check_local_or_cached(name_or_path: str) -> None:
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").exists():
+        raise FileNotFoundError(f"model.name_or_path: {name_or_path!r} has no config.json; pass a folder "
+                                "written by save_pretrained, or a hub id")
+
+
+def load_policy(cfg: HFModelConfig, *, adapter_path: str | Path | None = None, trainable: bool = True) -> Policy:
+    """Load tokenizer and model; attach a fresh LoRA adapter (or load one from ``adapter_path``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_local_or_cached(cfg.name_or_path)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=getattr(torch, cfg.dtype), **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"model.name_or_path: cannot load {cfg.name_or_path!r} ({err}). Download it "
+                                "first (huggingface-cli download ... --local-dir DIR) and pass DIR.") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(cfg.device)
+    has_adapter = cfg.lora is not None or adapter_path is not None
+    if adapter_path is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+    elif cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if not trainable:
+        model.requires_grad_(False)
+    model.eval()
+    return Policy(model, tokenizer, has_adapter)
+
+
+def format_prompt(tokenizer: Any, prompt: str) -> str:
+    """The text the model sees before its response: the chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, max_length: int
+                 ) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response token ids with a mask selecting the response tokens (and the EOS).
+
+    Returns input_ids, attention_mask and response_mask, each [B, L]. The prompt is tokenised on its own so the
+    boundary is exact; when a sequence exceeds ``max_length`` the response is truncated, never the prompt.
+    """
+    eos = tokenizer.eos_token_id
+    rows, masks = [], []
+    for prompt, response in zip(prompts, responses):
+        p_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            r_ids = [*r_ids, eos]
+        if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
+            p_ids = [tokenizer.bos_token_id, *p_ids]
+        r_ids = r_ids[: max(max_length - len(p_ids), 1)]
+        rows.append(p_ids + r_ids)
+        masks.append([0] * len(p_ids) + [1] * len(r_ids))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, mask) in enumerate(zip(rows, masks)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        response_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response_mask}
+
+
+def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ over response tokens of log p(token | prefix), [B]. Gradients flow when the caller enables them."""
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    attention = batch["attention_mask"].to(device)
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    targets = ids[:, 1:]
+    mask = batch["response_mask"][:, 1:].to(device)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(dim=-1)
+
+
+@torch.no_grad()
+def sequence_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
+                     batch_size: int = 16, max_length: int = 512) -> torch.Tensor:
+    """log π(y|x) summed over response tokens for each (prompt, response), [B], in input order."""
+    out = torch.empty(len(prompts), dtype=torch.float64)
+    # Sort by length so each batch pads little; restore the order at the end.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = encode_pairs(tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx],
+                             max_length=max_length)
+        out[idx] = token_logprob_sum(model, batch).double().cpu()
+    return out
