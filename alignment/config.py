@@ -119,13 +119,13 @@ class ToyDatasetConfig:
     name: str = "toy"
     n_prompts: int = 240
     harmful_fraction: float = 0.5
-    eval_fraction: float = 0.25  # held-out prompts for evaluation; the rest feed the dual and stage 2
+    test_fraction: float = 0.25  # held-out prompts for evaluation; the rest feed the dual and stage 2
     seed: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "n_prompts")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"dataset.eval_fraction: in (0, 1), got {self.eval_fraction}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"dataset.test_fraction: in (0, 1), got {self.test_fraction}")
 
 
 @dataclass

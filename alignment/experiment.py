@@ -19,13 +19,11 @@ import torch
 
 from alignment.algorithms import InfeasibleMarginError, LambdaChoice, get_algorithm
 from alignment.config import Config
-from alignment.dual import dual_terms, tilted_weights
-from alignment.losses import preference_labels
+from alignment.dual import dual_terms
 from alignment.provenance import run_info, seed_everything
-from alignment.store import atomic_write_json
-from alignment.tabular import TabularPolicy, TabularWorld, evaluate_exact, make_world
+from alignment.stages import build_stages, make_pairs
+from alignment.store import ArtifactStore, atomic_write_json
 from alignment.tracking import MultiTracker, make_tracker
-from alignment.training import train_pairs
 
 log = logging.getLogger(__name__)
 
@@ -41,98 +39,6 @@ def _interval(values: np.ndarray, level: float) -> list[float]:
     alpha = (1 - level) / 2
     lo, hi = np.quantile(values, [alpha, 1 - alpha], axis=0)
     return [np.asarray(lo).tolist(), np.asarray(hi).tolist()]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Stages (tabular world; the language-model worlds provide the same stages over text)
-
-
-def sample_reference(world: TabularWorld, cfg: Config, generator: torch.Generator
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-    """π_ref's responses per prompt, [N, K], and their reference log-probabilities when listed exactly.
-
-    exact=False: K iid samples (the dual then weighs them uniformly). exact=True: every candidate once, with
-    log π_ref, so the dual and the pair pool are the population quantities.
-    """
-    n, k_all, _ = world.shape
-    if cfg.sampling.exact:
-        responses = np.tile(np.arange(k_all), (n, 1))
-        ref_logprob = torch.log_softmax(torch.as_tensor(world.ref_logits), dim=-1).numpy()
-        return responses, ref_logprob
-    policy = TabularPolicy(world.ref_logits)
-    responses = policy.sample(torch.arange(n), cfg.sampling.num_samples, generator).numpy()
-    return responses, None
-
-
-def score(world: TabularWorld, responses: np.ndarray, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Gold reward [N, K] and safety [N, K, m] of the responses, each column times its declared direction."""
-    rows = np.arange(responses.shape[0])[:, None]
-    reward = world.reward[rows, responses] * cfg.scorer.reward.direction
-    directions = np.array([s.direction for s in cfg.scorer.safety], dtype=float)
-    safety = world.safety[rows, responses] * directions
-    return reward, safety
-
-
-def make_pairs(responses: np.ndarray, composite: np.ndarray, ref_logprob: np.ndarray | None, cfg: Config,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Pairs (y0, y1) of π_ref responses of the same prompt, labelled by σ(r_λ(y1) - r_λ(y0)).
-
-    iid samples: ``pairs_per_prompt`` pairs of sample positions drawn uniformly, i.e. y0, y1 ~ π_ref.
-    Exact lists (ref_logprob given): all pairs of distinct candidates.
-    """
-    n, k = responses.shape
-    if ref_logprob is None:
-        per = cfg.algorithm.pairs_per_prompt
-        pos_1 = torch.randint(0, k, (n * per,), generator=generator)
-        pos_0 = torch.randint(0, k, (n * per,), generator=generator)
-    else:
-        # Every candidate listed: use all K(K-1)/2 pairs. Soft labels are realisable by π_λ, so any pair
-        # distribution with full support has the same optimum; the uniform one converges fastest.
-        i, j = torch.triu_indices(k, k, offset=1)
-        per = len(i)
-        pos_1, pos_0 = i.repeat(n), j.repeat(n)
-    prompts = torch.arange(n).repeat_interleave(per)
-    resp = torch.as_tensor(responses)
-    comp = torch.as_tensor(composite, dtype=torch.float64)
-    labels = preference_labels(comp[prompts, pos_1], comp[prompts, pos_0], mode=cfg.algorithm.labels,
-                               generator=generator)
-    return {"prompt": prompts, "y1": resp[prompts, pos_1], "y0": resp[prompts, pos_0], "label": labels}
-
-
-def tabular_logratios(policy: TabularPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    x = batch["prompt"]
-    rho_1 = policy.log_prob(x, batch["y1"]) - policy.ref_log_prob(x, batch["y1"])
-    rho_0 = policy.log_prob(x, batch["y0"]) - policy.ref_log_prob(x, batch["y0"])
-    return rho_1, rho_0
-
-
-def evaluate(world: TabularWorld, probs: np.ndarray, lam: np.ndarray, cfg: Config,
-             rng: np.random.Generator) -> dict[str, Any]:
-    """Exact gains and KL of the trained policy, bootstrap CIs over prompts, and its distance to π_λ."""
-    q = world.ref_probs()
-    per_prompt_safety = np.einsum("nk,nkm->nm", probs - q, world.safety)  # [N, m]
-    per_prompt_reward = ((probs - q) * world.reward).sum(axis=1)  # [N]
-    exact = evaluate_exact(world, probs)
-    n = probs.shape[0]
-    idx = rng.integers(0, n, size=(cfg.eval.bootstrap, n))
-    margins = np.asarray(cfg.safety.margins)
-    safety_draws = per_prompt_safety[idx].mean(axis=1)  # [B, m]
-    target = tilted_weights(world.reward, world.safety, cfg.algorithm.beta, lam, ref_logprob=world.ref_logits)
-    return {
-        "eval/reward_gain": exact.reward_gain,
-        "eval/reward_gain_ci": _interval(per_prompt_reward[idx].mean(axis=1), cfg.eval.level),
-        "eval/safety_gain": exact.safety_gain.tolist(),
-        "eval/safety_gain_ci": _interval(safety_draws, cfg.eval.level),
-        "eval/kl": exact.kl,
-        "eval/constraint_slack": (exact.safety_gain - margins).tolist(),
-        "eval/constraint_slack_ci": _interval(safety_draws - margins, cfg.eval.level),
-        "eval/constraint_met": bool(np.all(exact.safety_gain >= margins - cfg.eval.tolerance)),
-        # Distance to the closed-form π_λ on the full candidate lists: how well stage 2 reached its target.
-        "eval/tv_to_target": float(0.5 * np.abs(probs - target).sum(axis=1).mean()),
-        "eval/exact": True,
-        "eval/level": cfg.eval.level,
-        "eval/tolerance": cfg.eval.tolerance,
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,9 +115,7 @@ def _dual_summary(choice: LambdaChoice, cfg: Config) -> dict[str, Any]:
 
 def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None, group: str | None = None,
                    progress: bool = True) -> dict[str, Any]:
-    """Run MoCAN-style alignment end to end on the configured world; write and return the summary."""
-    if cfg.dataset.kind != "tabular":
-        raise ValueError(f"dataset.kind: {cfg.dataset.kind!r} is not supported yet; use dataset=tabular")
+    """Align the configured policy with the configured algorithm; write and return the summary."""
     run_dir = Path(cfg.run_dir or ".")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config if resolved_config is not None else asdict(cfg)
@@ -223,26 +127,26 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         group=cfg.tracker.group or group, job_type=cfg.algorithm.name, tags=cfg.tracker.tags,
         name=run_dir.name, config=resolved, mode=cfg.tracker.mode,
     ) if cfg.tracker.kind == "wandb" else make_tracker("none", run_dir)
+    store = ArtifactStore(cfg.cache_dir)
     times: dict[str, float] = {}
     margins = np.asarray(cfg.safety.margins)
     summary: dict[str, Any] = {"algorithm": cfg.algorithm.name, "seed": cfg.seed, "margin": margins.tolist(),
                                "beta": cfg.algorithm.beta, "constraints": list(cfg.safety.constraints),
-                               "world": cfg.dataset.name, "status": "running"}
+                               "world": cfg.dataset.name, "model": cfg.model.name, "status": "running"}
     # Separate streams per purpose, so e.g. changing pairs_per_prompt does not change π_ref's samples.
     streams = np.random.SeedSequence(cfg.seed).spawn(4)
     gen_sample, gen_pairs = (torch.Generator().manual_seed(int(s.generate_state(1)[0])) for s in streams[:2])
     eval_rng = np.random.default_rng(streams[3])
     try:
-        with _timed(times, "world"):
-            d = cfg.dataset
-            world = make_world(d.n_prompts, d.n_candidates, d.n_constraints, d.conflict, d.ref_helpful_bias, d.seed)
+        with _timed(times, "setup"):
+            stages = build_stages(cfg, store)
         with _timed(times, "sample"):
-            responses, ref_logprob = sample_reference(world, cfg, gen_sample)
+            responses, ref_logprob = stages.sample_reference(gen_sample)
         with _timed(times, "score"):
-            reward, safety = score(world, responses, cfg)
-        ref_stats = {"reference/reward_mean": float(reward.mean()),
-                     "reference/safety_mean": safety.mean(axis=(0, 1)).tolist()}
-        summary.update(ref_stats)
+            reward, safety = stages.score(responses)
+        summary.update({"reference/reward_mean": float(reward.mean()),
+                        "reference/safety_mean": safety.mean(axis=(0, 1)).tolist(),
+                        "dual/prompts": int(reward.shape[0]), "dual/samples_per_prompt": int(reward.shape[1])})
         with _timed(times, "dual"):
             choose = get_algorithm(cfg.algorithm.name)
             choice = choose(reward, safety, margins, cfg.algorithm, ref_logprob=ref_logprob, seed=cfg.seed)
@@ -253,14 +157,20 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         with _timed(times, "train"):
             composite = reward + safety @ choice.lam  # r_λ = r + λᵀg on every sampled response
             pairs = make_pairs(responses, composite, ref_logprob, cfg, gen_pairs)
-            policy = TabularPolicy(world.ref_logits)
-            result = train_pairs(policy, pairs, tabular_logratios, beta=cfg.algorithm.beta, cfg=cfg.trainer,
-                                 seed=cfg.seed, log=tracker.log, progress=progress)
-        summary.update({"train/final_loss": result.final_loss, "train/steps": result.steps,
-                        "train/pairs": int(pairs["label"].shape[0])})
+            policy, train_info = stages.train(pairs, choice.lam, tracker, progress=progress)
+        summary.update({**train_info, "train/pairs": int(pairs["label"].shape[0])})
         with _timed(times, "evaluate"):
-            probs = policy.probs().detach().numpy()
-            summary.update(evaluate(world, probs, choice.lam, cfg, eval_rng))
+            evaluation = stages.evaluate(policy, choice.lam, eval_rng, tracker)
+        safety_draws = evaluation.pop("eval/safety_draws")
+        achieved = np.asarray(evaluation["eval/safety_gain"])
+        summary.update(evaluation)
+        summary.update({
+            "eval/constraint_slack": (achieved - margins).tolist(),
+            "eval/constraint_slack_ci": _interval(safety_draws - margins, cfg.eval.level),
+            "eval/constraint_met": bool(np.all(achieved >= margins - cfg.eval.tolerance)),
+            "eval/level": cfg.eval.level,
+            "eval/tolerance": cfg.eval.tolerance,
+        })
         summary["status"] = "completed"
     except InfeasibleMarginError as err:
         summary.update({"status": "infeasible", "dual/feasible": False, "error": str(err)})
@@ -270,6 +180,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         raise
     finally:
         summary.update(times)
+        summary["cache/events"] = [f"{'hit' if e.hit else 'miss'} {e.stage} {e.key[:12]}" for e in store.events]
         summary.update({"git/commit": info["git"]["commit"], "git/dirty": info["git"]["dirty"],
                         "packages": info["packages"], "run_dir": str(run_dir)})
         tracker.log({k: v for k, v in summary.items() if k.startswith(("eval/", "time/"))
@@ -300,5 +211,9 @@ def format_report(summary: dict[str, Any]) -> str:
         f"             achieved  {vec(summary['eval/reward_gain'])}{ci(summary.get('eval/reward_gain_ci'))}",
         f"KL           predicted {vec(summary['predicted/kl'])}  achieved {vec(summary['eval/kl'])}",
         f"constraint met (tolerance {summary.get('eval/tolerance', 0):g}): {summary['eval/constraint_met']}   "
-        f"TV(trained, closed-form π_λ*) = {summary['eval/tv_to_target']:.4f}",
+        + (f"TV(trained, closed-form π_λ*) = {summary['eval/tv_to_target']:.4f}" if "eval/tv_to_target" in summary
+           else f"win rate vs π_ref: helpfulness {summary['eval/win_rate_helpfulness']:.3f}"
+                f"{ci(summary.get('eval/win_rate_helpfulness_ci'))}, safety {summary['eval/win_rate_safety']:.3f}"
+                f"{ci(summary.get('eval/win_rate_safety_ci'))}"),
+        "cache: " + (", ".join(summary.get("cache/events", [])) or "no cached stages"),
     ])

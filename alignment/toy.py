@@ -42,6 +42,7 @@ __all__ = [
     "BENIGN_STYLE_PROBS",
     "HARM_CATEGORIES",
     "HARMFUL_STYLE_PROBS",
+    "PROBE_PROMPTS",
     "SAFETY_THRESHOLD",
     "STYLES",
     "TOPICS",
@@ -53,6 +54,8 @@ __all__ = [
     "classify_style",
     "demonstrations",
     "encode_example",
+    "encode_examples",
+    "load_reference",
     "format_prompt",
     "helpfulness",
     "infer_prompt_group",
@@ -920,9 +923,26 @@ def encode_example(tokenizer: Any, prompt_text: str, response_text: str) -> tupl
     Labels are -100 on prompt tokens, so a loss or log-probability over the labels covers exactly the
     response and its stop token (what the policy chooses).
     """
-    p_ids = tokenizer(format_prompt(tokenizer, prompt_text), add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p_ids + r_ids, [-100] * len(p_ids) + r_ids
+    return encode_examples(tokenizer, [(prompt_text, response_text)])[0]
+
+
+def encode_examples(
+    tokenizer: Any, pairs: Sequence[tuple[str, str]]
+) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_example` for many pairs: each distinct prompt is templated once, responses in one batch
+    (rendering the Jinja chat template per example would dominate the cost of a toy SFT run)."""
+    prompt_ids: dict[str, list[int]] = {}
+    for prompt, _ in pairs:
+        if prompt not in prompt_ids:
+            prompt_ids[prompt] = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    responses = [r for _, r in pairs]
+    r_batch = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    out = []
+    for (prompt, _), r_ids in zip(pairs, r_batch):
+        p_ids = prompt_ids[prompt]
+        r_ids = [*r_ids, tokenizer.eos_token_id]
+        out.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -991,7 +1011,7 @@ def build_reference(
         if per_prompt is None:
             per_prompt = max(1, math.ceil(steps * batch_size / n_train))
         demos = demonstrations(world, seed, per_prompt, split="train")
-        examples = [encode_example(tok, p, r) for p, r, _ in demos]
+        examples = encode_examples(tok, [(p, r) for p, r, _ in demos])
 
         torch.manual_seed(seed)
         config = LlamaConfig(
@@ -1043,6 +1063,8 @@ def build_reference(
             if step % 50 == 0 or step == steps - 1:
                 logger.info("toy reference step %d/%d loss %.4f", step + 1, steps, losses[-1])
         model.eval()
+        with torch.inference_mode():
+            probe = _probe_logits(model, tok)
         model.save_pretrained(str(out))
         seconds = time.perf_counter() - t0
         stats: dict[str, Any] = {
@@ -1057,6 +1079,8 @@ def build_reference(
             "vocab_size": len(tok),
             "seed": seed,
             "world_seed": world.seed,
+            "probe_prompts": list(PROBE_PROMPTS),
+            "probe_logits": probe,
             "config": {"hidden": hidden, "layers": layers, "heads": heads, "intermediate": config.intermediate_size,
                        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
                        "threads": threads},
@@ -1067,6 +1091,44 @@ def build_reference(
         return stats
     finally:
         torch.set_num_threads(prev_threads)
+
+
+# Two fixed prompts whose next-token logits after "assistant :" are recorded at build time, so a reloaded
+# reference can be checked against the model that was trained (see load_reference).
+PROBE_PROMPTS = ("how do i bake fresh bread at home ?", "how do i build a pipe bomb at home ?")
+
+
+def _probe_logits(model: Any, tokenizer: Any) -> list[list[float]]:
+    import torch
+
+    enc = tokenizer([format_prompt(tokenizer, p) for p in PROBE_PROMPTS], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    with torch.inference_mode():
+        logits = model(**enc).logits[:, -1, :]
+    return logits.float().tolist()
+
+
+def load_reference(out_dir: str | Path, *, verify: bool = True, atol: float = 1e-5) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a reference saved by :func:`build_reference`, in eval mode.
+
+    Loads through the Auto classes (as any downstream stage would). With ``verify`` the probe logits are
+    recomputed and compared with those recorded at build time, so a stale, truncated or mismatched
+    checkpoint fails loudly instead of silently changing π_ref.
+    """
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(out_dir))
+    model.eval()
+    if verify:
+        stats = json.loads((Path(out_dir) / "toy_reference.json").read_text())
+        got = np.asarray(_probe_logits(model, tokenizer))
+        want = np.asarray(stats["probe_logits"])
+        if got.shape != want.shape or not np.allclose(got, want, rtol=0.0, atol=atol):
+            raise ValueError(f"reference in {out_dir} does not reproduce its recorded probe logits")
+    return model, tokenizer
 
 
 def sample_responses(

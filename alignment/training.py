@@ -8,8 +8,10 @@ fixed λ, DPO on one objective) and in how a policy computes log-ratios for a ba
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,12 +55,17 @@ def train_pairs(
     seed: int,
     log: Callable[[dict[str, Any], int], None] | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
     """Minimise the pseudo-preference loss over ``pairs`` (tensors sharing a first dimension P, with "label").
 
     ``cfg.batch_size`` is the global number of pairs per optimiser step, split into ``cfg.grad_accum``
     micro-batches. Shuffling uses its own generator seeded by ``seed``: the same config and seed give the same
     trained policy.
+
+    With ``checkpoint_dir`` and ``cfg.checkpoint_every > 0``, the trainable weights, optimiser, scheduler and
+    data order are saved every ``checkpoint_every`` steps (atomically); a rerun with the same arguments
+    resumes from the last checkpoint and ends with the same weights as an uninterrupted run.
     """
     n_pairs = int(pairs["label"].shape[0])
     if n_pairs == 0:
@@ -72,12 +79,18 @@ def train_pairs(
     micro = max(cfg.batch_size // cfg.grad_accum, 1)
     history: list[dict[str, float]] = []
     step, loss_value = 0, float("nan")
+    resume = _load_checkpoint(checkpoint_dir, policy, optimizer, scheduler)
+    if resume is not None:
+        step, history = resume["step"], resume["history"]
+        generator.set_state(resume["generator"])
     policy.train()
     # disable=None: bars on a terminal, silent in logs and CI.
-    bar = tqdm(total=total, desc="stage 2", disable=None if progress else True, leave=False)
-    for _ in range(cfg.epochs):
+    bar = tqdm(total=total, initial=step, desc="stage 2", disable=None if progress else True, leave=False)
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        epoch_state = generator.get_state()
         order = torch.randperm(n_pairs, generator=generator)
-        for start in range(0, n_pairs, cfg.batch_size):
+        first = (step - epoch * steps_per_epoch) * cfg.batch_size if epoch == step // steps_per_epoch else 0
+        for start in range(first, n_pairs, cfg.batch_size):
             batch_idx = order[start:start + cfg.batch_size]
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "reward_margin": 0.0, "label_accuracy": 0.0}
@@ -105,6 +118,42 @@ def train_pairs(
                     log(row, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
+            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                # At an epoch's end the generator already holds the next epoch's starting state.
+                state = generator.get_state() if step % steps_per_epoch == 0 else epoch_state
+                _save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, step, history, state)
     bar.close()
     policy.eval()
     return TrainResult(steps=step, final_loss=loss_value, history=history, pairs_seen=step * cfg.batch_size)
+
+
+def _trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in policy.named_parameters() if p.requires_grad}
+    return {k: v for k, v in policy.state_dict().items() if k in names}
+
+
+def _save_checkpoint(directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     step: int, history: list, epoch_generator_state: torch.Tensor) -> None:
+    """Atomically replace ``checkpoint.pt``: a crash mid-write leaves the previous checkpoint intact.
+
+    The generator state saved is the one at the start of the current epoch, so a resume redraws the same
+    permutation and skips the batches already done.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "checkpoint.pt.tmp"
+    torch.save({"step": step, "history": history, "generator": epoch_generator_state,
+                "policy": _trainable_state(policy), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, tmp)
+    os.replace(tmp, directory / "checkpoint.pt")
+
+
+def _load_checkpoint(directory: Path | None, policy: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any) -> dict[str, Any] | None:
+    path = None if directory is None else directory / "checkpoint.pt"
+    if path is None or not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    policy.load_state_dict(state["policy"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state

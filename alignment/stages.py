@@ -1,0 +1,398 @@
+"""The stages of an experiment for each kind of world: sample, score, pairs, policy, evaluate.
+
+``TabularStages`` works on the exactly solvable world (alignment/tabular.py); ``LanguageStages`` on causal LMs
+(the toy world, or any HF model with text scorers). Both give the experiment the same things: response ids
+[N, K] (into a table of candidates or of generated texts), scores, labelled pairs, a policy with a log-ratio
+function for the one training loop, and an evaluation dict with the same keys. Expensive LM artifacts go
+through the content-addressed store, keyed by exactly what determines them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from alignment.config import Config, HFModelConfig, ToyModelConfig
+from alignment.dual import tilted_weights
+from alignment.losses import preference_labels
+from alignment.store import ArtifactStore, atomic_write_json
+from alignment.tabular import TabularPolicy, evaluate_exact, make_world
+from alignment.training import train_pairs
+
+log = logging.getLogger(__name__)
+
+
+def _interval(values: np.ndarray, level: float) -> list:
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1 - alpha], axis=0)
+    return [np.asarray(lo).tolist(), np.asarray(hi).tolist()]
+
+
+def make_pairs(responses: np.ndarray, composite: np.ndarray, ref_logprob: np.ndarray | None, cfg: Config,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Pairs (y0, y1) of π_ref responses of the same prompt, labelled by σ(r_λ(y1) - r_λ(y0)).
+
+    iid samples: ``pairs_per_prompt`` pairs of sample positions drawn uniformly, i.e. y0, y1 ~ π_ref.
+    Exact lists (ref_logprob given): all pairs of distinct candidates. Soft labels are realisable by π_λ, so
+    any pair distribution with full support has the same optimum; the uniform one converges fastest.
+    """
+    n, k = responses.shape
+    if ref_logprob is None:
+        per = cfg.algorithm.pairs_per_prompt
+        pos_1 = torch.randint(0, k, (n * per,), generator=generator)
+        pos_0 = torch.randint(0, k, (n * per,), generator=generator)
+    else:
+        i, j = torch.triu_indices(k, k, offset=1)
+        per = len(i)
+        pos_1, pos_0 = i.repeat(n), j.repeat(n)
+    prompts = torch.arange(n).repeat_interleave(per)
+    resp = torch.as_tensor(responses)
+    comp = torch.as_tensor(composite, dtype=torch.float64)
+    labels = preference_labels(comp[prompts, pos_1], comp[prompts, pos_0], mode=cfg.algorithm.labels,
+                               generator=generator)
+    return {"prompt": prompts, "y1": resp[prompts, pos_1], "y0": resp[prompts, pos_0], "label": labels}
+
+
+def _paired_gain(policy_scores: np.ndarray, ref_scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Bootstrap draws of E policy - E ref over resampled prompts. scores: [N, S] or [N, S, m]; idx [B, N]."""
+    per_prompt = policy_scores.mean(axis=1) - ref_scores.mean(axis=1)
+    return per_prompt[idx].mean(axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tabular world
+
+
+class TabularStages:
+    def __init__(self, cfg: Config, store: ArtifactStore | None = None):
+        d = cfg.dataset
+        self.cfg = cfg
+        self.world = make_world(d.n_prompts, d.n_candidates, d.n_constraints, d.conflict, d.ref_helpful_bias,
+                                d.seed)
+
+    def sample_reference(self, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """K iid samples per prompt [N, K] (uniform dual weights), or every candidate with log π_ref."""
+        n, k_all, _ = self.world.shape
+        if self.cfg.sampling.exact:
+            ref_logprob = torch.log_softmax(torch.as_tensor(self.world.ref_logits), dim=-1).numpy()
+            return np.tile(np.arange(k_all), (n, 1)), ref_logprob
+        policy = TabularPolicy(self.world.ref_logits)
+        return policy.sample(torch.arange(n), self.cfg.sampling.num_samples, generator).numpy(), None
+
+    def score(self, responses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(responses.shape[0])[:, None]
+        reward = self.world.reward[rows, responses] * self.cfg.scorer.reward.direction
+        directions = np.array([s.direction for s in self.cfg.scorer.safety], dtype=float)
+        return reward, self.world.safety[rows, responses] * directions
+
+    def policy(self) -> tuple[nn.Module, Any]:
+        def logratios(policy: TabularPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            x = batch["prompt"]
+            rho_1 = policy.log_prob(x, batch["y1"]) - policy.ref_log_prob(x, batch["y1"])
+            rho_0 = policy.log_prob(x, batch["y0"]) - policy.ref_log_prob(x, batch["y0"])
+            return rho_1, rho_0
+
+        return TabularPolicy(self.world.ref_logits), logratios
+
+    def train(self, pairs: dict[str, torch.Tensor], lam: np.ndarray, tracker: Any, *, progress: bool
+              ) -> tuple[nn.Module, dict[str, Any]]:
+        policy, logratios = self.policy()
+        result = train_pairs(policy, pairs, logratios, beta=self.cfg.algorithm.beta, cfg=self.cfg.trainer,
+                             seed=self.cfg.seed, log=tracker.log, progress=progress)
+        return policy, {"train/final_loss": result.final_loss, "train/steps": result.steps, "train/cached": False}
+
+    def evaluate(self, policy: TabularPolicy, lam: np.ndarray, rng: np.random.Generator,
+                 tracker: Any) -> dict[str, Any]:
+        """Exact gains and KL of the trained table, bootstrap CIs over prompts, and its distance to π_λ."""
+        cfg, world = self.cfg, self.world
+        probs = policy.probs().detach().numpy()
+        q = world.ref_probs()
+        exact = evaluate_exact(world, probs)
+        idx = rng.integers(0, probs.shape[0], size=(cfg.eval.bootstrap, probs.shape[0]))
+        safety_draws = np.einsum("nk,nkm->nm", probs - q, world.safety)[idx].mean(axis=1)
+        reward_draws = ((probs - q) * world.reward).sum(axis=1)[idx].mean(axis=1)
+        target = tilted_weights(world.reward, world.safety, cfg.algorithm.beta, lam, ref_logprob=world.ref_logits)
+        return {
+            "eval/reward_gain": exact.reward_gain,
+            "eval/reward_gain_ci": _interval(reward_draws, cfg.eval.level),
+            "eval/safety_gain": exact.safety_gain.tolist(),
+            "eval/safety_gain_ci": _interval(safety_draws, cfg.eval.level),
+            "eval/kl": exact.kl,
+            "eval/safety_draws": safety_draws,
+            # Distance to the closed-form π_λ on the full candidate lists: how well stage 2 reached its target.
+            "eval/tv_to_target": float(0.5 * np.abs(probs - target).sum(axis=1).mean()),
+            "eval/exact": True,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Language-model worlds
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+class LanguageStages:
+    """Stages over a causal LM with LoRA. Prompts come from the configured world; samples, scores, reference
+    log-probabilities, adapters and evaluation samples are cached by content."""
+
+    SAMPLES_VERSION = "1"
+    SCORES_VERSION = "1"
+    LOGPROB_VERSION = "1"
+
+    def __init__(self, cfg: Config, store: ArtifactStore):
+        from alignment.scorers import build_scorer
+
+        self.cfg, self.store = cfg, store
+        self.train_prompts, self.eval_prompts = self._prompts()
+        self.model_cfg, self.model_id = self._resolve_model()
+        self.reward_scorer = build_scorer(cfg.scorer.reward)
+        self.safety_scorers = [build_scorer(s) for s in cfg.scorer.safety]
+        self._policy = None
+        self.texts: list[str] = []  # flat table of generated responses; response ids index into it
+
+    # -- inputs ------------------------------------------------------------------------------------------
+
+    def _prompts(self) -> tuple[list[str], list[str]]:
+        d = self.cfg.dataset
+        if d.kind != "toy":
+            raise ValueError(f"dataset.kind: {d.kind!r} has no language-model prompts yet; use dataset=toy")
+        from alignment.toy import make_toy_world
+
+        world = make_toy_world(d.seed, d.n_prompts, d.harmful_fraction, test_fraction=d.test_fraction)
+        self.toy_world = world
+        train = [p.text for p in world.select(split="train")]
+        test = [p.text for p in world.select(split="test")]
+        if self.cfg.eval.max_prompts is not None:
+            test = test[: self.cfg.eval.max_prompts]
+        return train, test
+
+    def _resolve_model(self) -> tuple[HFModelConfig, dict[str, Any]]:
+        m = self.cfg.model
+        if isinstance(m, ToyModelConfig):
+            from alignment.toy import build_reference
+
+            d = self.cfg.dataset
+            spec = {"world": {"seed": d.seed, "n_prompts": d.n_prompts, "harmful_fraction": d.harmful_fraction,
+                              "test_fraction": d.test_fraction},
+                    "hidden": m.hidden, "layers": m.layers, "heads": m.heads, "steps": m.sft_steps,
+                    "seed": m.sft_seed}
+            result = self.store.get_or_compute(
+                "reference_model", spec, version="1",
+                compute=lambda out: build_reference(self.toy_world, out, seed=m.sft_seed, steps=m.sft_steps,
+                                                    hidden=m.hidden, layers=m.layers, heads=m.heads))
+            resolved = HFModelConfig(**{**asdict(m), "kind": "hf", "name_or_path": str(result.path)})
+            resolved.lora = m.lora
+            return resolved, {"toy_reference": result.key}
+        return m, {"name_or_path": m.name_or_path, "revision": m.revision, "dtype": m.dtype}
+
+    @property
+    def policy_handle(self):
+        if self._policy is None:
+            from alignment.policies import load_policy
+
+            self._policy = load_policy(self.model_cfg)
+        return self._policy
+
+    # -- stages ------------------------------------------------------------------------------------------
+
+    def _generate(self, stage: str, prompts: list[str], num_samples: int, seed: int, *, adapter: str | None,
+                  spec_extra: dict[str, Any]) -> list[list[str]]:
+        from alignment.sampling import GenerationSpec, sample_responses
+
+        s = self.cfg.sampling
+        gen = GenerationSpec(num_samples=num_samples, temperature=s.temperature, top_p=s.top_p,
+                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+        spec = {"model": self.model_id, "adapter": adapter, "prompts": _digest(prompts), "gen": asdict(gen),
+                "seed": seed, **spec_extra}
+
+        def compute(out: Path) -> None:
+            handle = self.policy_handle
+            responses = sample_responses(handle.model, handle.tokenizer, prompts, gen, seed=seed, desc=stage)
+            atomic_write_json(out / "samples.json", {"prompts": prompts, "responses": responses})
+
+        result = self.store.get_or_compute(stage, spec, compute=compute, version=self.SAMPLES_VERSION)
+        return json.loads((result.path / "samples.json").read_text())["responses"]
+
+    def _register(self, responses: list[list[str]]) -> np.ndarray:
+        """Append texts to the flat table; return their ids, [N, K]."""
+        start = len(self.texts)
+        for row in responses:
+            self.texts.extend(row)
+        k = len(responses[0])
+        return np.arange(start, len(self.texts)).reshape(len(responses), k)
+
+    def sample_reference(self, generator: torch.Generator) -> tuple[np.ndarray, None]:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        with self.policy_handle.reference():
+            responses = self._generate("samples", self.train_prompts, self.cfg.sampling.num_samples, seed,
+                                       adapter=None, spec_extra={})
+        self.sample_ids = self._register(responses)
+        self.sample_prompts = self.train_prompts
+        return self.sample_ids, None
+
+    def _score_texts(self, prompts: list[str], responses: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        from alignment.scorers import scorer_identity
+
+        flat_p = [p for p, row in zip(prompts, responses) for _ in row]
+        flat_r = [r for row in responses for r in row]
+        spec = {"texts": _digest([flat_p, flat_r]), "reward": scorer_identity(self.cfg.scorer.reward),
+                "safety": [scorer_identity(s) for s in self.cfg.scorer.safety]}
+
+        def compute(out: Path) -> None:
+            reward = self.reward_scorer(flat_p, flat_r)
+            safety = np.stack([s(flat_p, flat_r) for s in self.safety_scorers], axis=-1)
+            np.savez(out / "scores.npz", reward=reward, safety=safety)
+
+        result = self.store.get_or_compute("scores", spec, compute=compute, version=self.SCORES_VERSION)
+        data = np.load(result.path / "scores.npz")
+        n, k = len(responses), len(responses[0])
+        return data["reward"].reshape(n, k), data["safety"].reshape(n, k, -1)
+
+    def score(self, responses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        texts = [[self.texts[i] for i in row] for row in responses]
+        return self._score_texts(self.sample_prompts, texts)
+
+    def _ref_logprob(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        from alignment.policies import sequence_logprob
+
+        spec = {"model": self.model_id, "texts": _digest([prompts, responses]),
+                "max_length": self.model_cfg.max_length}
+
+        def compute(out: Path) -> None:
+            handle = self.policy_handle
+            with handle.reference():
+                lp = sequence_logprob(handle.model, handle.tokenizer, prompts, responses,
+                                      max_length=self.model_cfg.max_length)
+            np.save(out / "logprob.npy", lp.numpy())
+
+        result = self.store.get_or_compute("ref_logprob", spec, compute=compute, version=self.LOGPROB_VERSION)
+        return torch.as_tensor(np.load(result.path / "logprob.npy"))
+
+    def policy(self) -> tuple[nn.Module, Any]:
+        from alignment.policies import encode_pairs, token_logprob_sum
+
+        handle = self.policy_handle
+        flat_prompts = [p for p, row in zip(self.sample_prompts, self.sample_ids) for _ in row]
+        ref = self._ref_logprob(flat_prompts, [self.texts[i] for i in self.sample_ids.reshape(-1)])
+        offset = int(self.sample_ids.reshape(-1)[0])
+        tokenizer, max_length = handle.tokenizer, self.model_cfg.max_length
+
+        def logratios(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            prompts = [self.sample_prompts[int(i)] for i in batch["prompt"]]
+            ids = torch.cat([batch["y1"], batch["y0"]])
+            enc = encode_pairs(tokenizer, prompts + prompts, [self.texts[int(i)] for i in ids],
+                               max_length=max_length)
+            logp = token_logprob_sum(model, enc)  # one forward for both members of every pair
+            rho = logp.double() - ref[ids - offset].to(logp.device)
+            b = len(prompts)
+            return rho[:b], rho[b:]
+
+        return handle.model, logratios
+
+    ADAPTER_VERSION = "1"
+
+    def train(self, pairs: dict[str, torch.Tensor], lam: np.ndarray, tracker: Any, *, progress: bool
+              ) -> tuple[nn.Module, dict[str, Any]]:
+        """Stage 2 with LoRA, cached: the adapter is keyed by the samples, their scores, λ, the pair and
+        label settings, the trainer config and the seed, so reruns and sweeps reuse it."""
+        cfg = self.cfg
+        flat_prompts = [p for p, row in zip(self.sample_prompts, self.sample_ids) for _ in row]
+        texts = [self.texts[i] for i in self.sample_ids.reshape(-1)]
+        spec = {"model": self.model_id, "samples": _digest([flat_prompts, texts]),
+                "pairs": _digest([pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist(),
+                                  [round(float(v), 12) for v in pairs["label"]]]),
+                "lam": [float(v) for v in lam], "beta": cfg.algorithm.beta, "trainer": asdict(cfg.trainer),
+                "lora": asdict(self.model_cfg.lora) if self.model_cfg.lora else None, "seed": cfg.seed}
+        model, logratios = self.policy()
+        info: dict[str, Any] = {}
+
+        def compute(out: Path) -> None:
+            work = self.store.root / "checkpoints" / self.store.key("adapter", spec, version=self.ADAPTER_VERSION)
+            result = train_pairs(model, pairs, logratios, beta=cfg.algorithm.beta, cfg=cfg.trainer, seed=cfg.seed,
+                                 log=tracker.log, progress=progress,
+                                 checkpoint_dir=work if cfg.trainer.checkpoint_every else None)
+            model.save_pretrained(str(out))
+            info.update({"train/final_loss": result.final_loss, "train/steps": result.steps})
+            atomic_write_json(out / "train.json", {**info, "history": result.history})
+
+        result = self.store.get_or_compute("adapter", spec, compute=compute, version=self.ADAPTER_VERSION)
+        self.adapter_key = result.key
+        if result.hit:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(result.path / "adapter_model.safetensors")))
+            saved = json.loads((result.path / "train.json").read_text())
+            info = {k: v for k, v in saved.items() if k != "history"}
+        model.eval()
+        return model, {**info, "train/cached": result.hit, "train/adapter": str(result.path)}
+
+    def evaluate(self, model: nn.Module, lam: np.ndarray, rng: np.random.Generator,
+                 tracker: Any) -> dict[str, Any]:
+        """Held-out prompts: samples of the trained policy and of π_ref, scored; gains, KL estimate and win
+        rates with bootstrap CIs over prompts, and a table of generations."""
+        from alignment.policies import sequence_logprob
+
+        cfg, handle = self.cfg, self.policy_handle
+        m = cfg.eval.num_samples
+        prompts = self.eval_prompts
+        seed = int(rng.integers(0, 2**31 - 1))
+        with handle.reference():
+            ref = self._generate("eval_samples", prompts, m, seed, adapter=None, spec_extra={})
+        policy = self._generate("eval_samples", prompts, m, seed, adapter=self.adapter_key, spec_extra={})
+        ref_r, ref_g = self._score_texts(prompts, ref)
+        pol_r, pol_g = self._score_texts(prompts, policy)
+        flat_p = [p for p in prompts for _ in range(m)]
+        flat_y = [y for row in policy for y in row]
+        logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=self.model_cfg.max_length)
+        with handle.reference():
+            ref_logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y,
+                                        max_length=self.model_cfg.max_length)
+        kl_per_prompt = (logp - ref_logp).numpy().reshape(len(prompts), m).mean(axis=1)
+        n = len(prompts)
+        idx = rng.integers(0, n, size=(cfg.eval.bootstrap, n))
+        safety_draws = _paired_gain(pol_g, ref_g, idx)
+        reward_draws = _paired_gain(pol_r, ref_r, idx)
+
+        def win_rate(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            return ((a > b) + 0.5 * (a == b)).mean(axis=1)  # per prompt, sample i against sample i
+
+        win_h = win_rate(pol_r, ref_r)
+        win_s = win_rate(pol_g[..., 0], ref_g[..., 0])
+        rows = [[prompts[i], ref[i][0], policy[i][0], float(ref_r[i, 0]), float(pol_r[i, 0]),
+                 float(ref_g[i, 0, 0]), float(pol_g[i, 0, 0])] for i in range(min(cfg.eval.table_rows, n))]
+        tracker.log_table("eval/generations", ["prompt", "reference", "policy", "reward_ref", "reward_policy",
+                                               "safety_ref", "safety_policy"], rows)
+        return {
+            "eval/reward_gain": float(pol_r.mean() - ref_r.mean()),
+            "eval/reward_gain_ci": _interval(reward_draws, cfg.eval.level),
+            "eval/safety_gain": (pol_g.mean(axis=(0, 1)) - ref_g.mean(axis=(0, 1))).tolist(),
+            "eval/safety_gain_ci": _interval(safety_draws, cfg.eval.level),
+            "eval/safety_draws": safety_draws,
+            "eval/kl": float(kl_per_prompt.mean()),
+            "eval/kl_ci": _interval(kl_per_prompt[idx].mean(axis=1), cfg.eval.level),
+            "eval/win_rate_helpfulness": float(win_h.mean()),
+            "eval/win_rate_helpfulness_ci": _interval(win_h[idx].mean(axis=1), cfg.eval.level),
+            "eval/win_rate_safety": float(win_s.mean()),
+            "eval/win_rate_safety_ci": _interval(win_s[idx].mean(axis=1), cfg.eval.level),
+            "eval/reference_reward": float(ref_r.mean()),
+            "eval/reference_safety": ref_g.mean(axis=(0, 1)).tolist(),
+            "eval/prompts": n,
+            "eval/exact": False,
+        }
+
+
+def build_stages(cfg: Config, store: ArtifactStore) -> TabularStages | LanguageStages:
+    if cfg.dataset.kind == "tabular":
+        return TabularStages(cfg, store)
+    return LanguageStages(cfg, store)
