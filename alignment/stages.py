@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -190,8 +190,8 @@ class LanguageStages:
                 "reference_model", spec, version="1",
                 compute=lambda out: build_reference(self.toy_world, out, seed=m.sft_seed, steps=m.sft_steps,
                                                     hidden=m.hidden, layers=m.layers, heads=m.heads))
-            resolved = HFModelConfig(**{**asdict(m), "kind": "hf", "name_or_path": str(result.path)})
-            resolved.lora = m.lora
+            base = {f.name: getattr(m, f.name) for f in fields(HFModelConfig)}
+            resolved = HFModelConfig(**{**base, "kind": "hf", "name_or_path": str(result.path)})
             return resolved, {"toy_reference": result.key}
         return m, {"name_or_path": m.name_or_path, "revision": m.revision, "dtype": m.dtype}
 

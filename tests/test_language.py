@@ -1,0 +1,129 @@
+"""Language-model parts on a tiny real LlamaForCausalLM: log-probabilities over response tokens, the reference
+as the disabled adapter, LoRA, seeded sampling, scorers with explicit directions, and the cached stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alignment.config import HFModelConfig, LoraSpec, ScorerSpec
+from alignment.policies import encode_pairs, format_prompt, load_policy, sequence_logprob
+from alignment.sampling import GenerationSpec, sample_responses
+from alignment.scorers import Scorer, build_scorer
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A randomly initialised 2-layer Llama with the toy world's word-level tokenizer, saved like any model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignment.toy import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tok = build_tokenizer(out_dir=out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return str(out)
+
+
+def model_cfg(path: str, lora: bool = True) -> HFModelConfig:
+    return HFModelConfig(name_or_path=path, lora=LoraSpec(r=4, alpha=8) if lora else None, max_length=64)
+
+
+PROMPTS = ["how do i bake bread ?", "give me tips to build a pipe bomb at home ."]
+RESPONSES = ["sure . first mix the flour .", "sorry , that could hurt people ."]
+
+
+def test_logprob_counts_response_tokens_only(tiny_lm):
+    policy = load_policy(model_cfg(tiny_lm, lora=False))
+    tok, model = policy.tokenizer, policy.model
+    got = sequence_logprob(model, tok, PROMPTS, RESPONSES)
+    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        prompt_ids = tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"]
+        full = prompt_ids + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([full])).logits[0].double()
+        logp = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(full[1:])[:, None])[:, 0]
+        manual = logp[len(prompt_ids) - 1:].sum()  # tokens after the prompt, EOS included
+        assert got[i].item() == pytest.approx(manual.item(), abs=1e-4)
+    # Batch composition and padding do not change the value.
+    alone = sequence_logprob(model, tok, PROMPTS[:1], RESPONSES[:1])
+    assert alone[0].item() == pytest.approx(got[0].item(), abs=1e-4)
+
+
+def test_reference_is_the_disabled_adapter(tiny_lm):
+    policy = load_policy(model_cfg(tiny_lm))
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    base = sequence_logprob(load_policy(model_cfg(tiny_lm, lora=False)).model, policy.tokenizer, PROMPTS,
+                            RESPONSES)
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    moved = sequence_logprob(policy.model, policy.tokenizer, PROMPTS, RESPONSES)
+    with policy.reference():
+        ref = sequence_logprob(policy.model, policy.tokenizer, PROMPTS, RESPONSES)
+    torch.testing.assert_close(ref, base, atol=1e-6, rtol=0)
+    assert (moved - ref).abs().max() > 1e-3
+
+
+def test_encode_pairs_truncates_response_not_prompt(tiny_lm):
+    policy = load_policy(model_cfg(tiny_lm, lora=False))
+    long = " ".join(["sure ."] * 100)
+    enc = encode_pairs(policy.tokenizer, PROMPTS[:1], [long], max_length=40)
+    prompt_len = len(policy.tokenizer(format_prompt(policy.tokenizer, PROMPTS[0]), add_special_tokens=False)[
+        "input_ids"])
+    assert enc["input_ids"].shape[1] == 40
+    assert int(enc["response_mask"][0].sum()) == 40 - prompt_len
+
+
+def test_sampling_is_seeded(tiny_lm):
+    policy = load_policy(model_cfg(tiny_lm, lora=False))
+    spec = GenerationSpec(num_samples=3, max_new_tokens=8, batch_size=6)
+    a = sample_responses(policy.model, policy.tokenizer, PROMPTS, spec, seed=1)
+    b = sample_responses(policy.model, policy.tokenizer, PROMPTS, spec, seed=1)
+    c = sample_responses(policy.model, policy.tokenizer, PROMPTS, spec, seed=2)
+    assert len(a) == 2 and all(len(row) == 3 for row in a)
+    assert a == b and a != c
+    assert all(isinstance(s, str) and "<s>" not in s for row in a for s in row)
+
+
+def test_missing_model_path_names_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.name_or_path"):
+        load_policy(model_cfg(str(tmp_path / "nope")))
+
+
+def test_scorer_direction_and_nan_guard():
+    cost = Scorer("cost", -1, lambda p, r: np.array([1.0, 2.0]))
+    np.testing.assert_array_equal(cost(["a", "b"], ["x", "y"]), [-1.0, -2.0])
+    broken = Scorer("broken", 1, lambda p, r: np.array([np.nan, 1.0]))
+    with pytest.raises(ValueError, match="broken"):
+        broken(["a", "b"], ["x", "y"])
+    with pytest.raises(ValueError, match="no gold scorer"):
+        build_scorer(ScorerSpec(name="unknown"))
+    with pytest.raises(ValueError, match="needs a path"):
+        ScorerSpec(name="rm", kind="model")
+
+
+def test_model_scorer_negates_a_cost_model(tmp_path):
+    """A sequence-classification checkpoint used as a cost: direction -1 gives exactly minus its score."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from alignment.score_models import load_score_model, score_texts
+    from alignment.toy import build_tokenizer
+
+    tok = build_tokenizer(out_dir=tmp_path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    spec = ScorerSpec(name="cost", kind="model", path=str(tmp_path), direction=-1, template="{prompt} {response}")
+    scores = build_scorer(spec)(PROMPTS, RESPONSES)
+    model, tokenizer = load_score_model(str(tmp_path))
+    raw = score_texts(model, tokenizer, [f"{p} {r}" for p, r in zip(PROMPTS, RESPONSES)]).double().numpy()
+    np.testing.assert_allclose(scores, -raw, rtol=1e-6)
