@@ -69,6 +69,8 @@ class HFModelConfig:
     trust_remote_code: bool = False
     lora: LoraSpec | None = field(default_factory=LoraSpec)
     max_length: int = 512  # prompt + response tokens kept for log-probabilities and training
+    # Jinja chat template replacing the tokenizer's (e.g. the Beaver/Alpaca "BEGINNING OF CONVERSATION" one)
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -126,6 +128,23 @@ class ToyDatasetConfig:
         _positive(self, "n_prompts")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"dataset.test_fraction: in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class PreferenceDatasetConfig:
+    """PKU-SafeRLHF-style records (prompt, response_0/1, better/safer ids) from the hub or a local jsonl."""
+
+    kind: str = "pku"
+    name: str = "pku-saferlhf-30k"
+    source: str = "PKU-Alignment/PKU-SafeRLHF-30K"  # hub id, or a local .jsonl/.json path
+    train_split: str = "train"
+    test_split: str = "test"
+    n_prompts: int = 1000  # unique prompts for the dual (the paper: 1,000)
+    n_eval_prompts: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_prompts", "n_eval_prompts")
 
 
 @dataclass
@@ -308,6 +327,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="dataset", name="base_tabular", node=TabularDatasetConfig)
     cs.store(group="dataset", name="base_toy", node=ToyDatasetConfig)
+    cs.store(group="dataset", name="base_preferences", node=PreferenceDatasetConfig)
     cs.store(group="model", name="base_tabular", node=TabularModelConfig)
     cs.store(group="model", name="base_toy", node=ToyModelConfig)
     cs.store(group="model", name="base_hf", node=HFModelConfig)

@@ -156,7 +156,10 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         _dual_curve(reward, safety, choice, cfg, ref_logprob, tracker)
         with _timed(times, "train"):
             composite = reward + safety @ choice.lam  # r_λ = r + λᵀg on every sampled response
-            pairs = make_pairs(responses, composite, ref_logprob, cfg, gen_pairs)
+            if cfg.algorithm.pair_source == "dataset":
+                pairs = stages.dataset_pairs(choice.lam, gen_pairs)
+            else:
+                pairs = make_pairs(responses, composite, ref_logprob, cfg, gen_pairs)
             policy, train_info = stages.train(pairs, choice.lam, tracker, progress=progress)
         summary.update({**train_info, "train/pairs": int(pairs["label"].shape[0])})
         with _timed(times, "evaluate"):

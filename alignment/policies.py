@@ -69,6 +69,8 @@ def load_policy(cfg: HFModelConfig, *, adapter_path: str | Path | None = None, t
                                 "first (huggingface-cli download ... --local-dir DIR) and pass DIR.") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = cfg.chat_template
     model.to(cfg.device)
     has_adapter = cfg.lora is not None or adapter_path is not None
     if adapter_path is not None:

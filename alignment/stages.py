@@ -93,7 +93,10 @@ class TabularStages:
         directions = np.array([s.direction for s in self.cfg.scorer.safety], dtype=float)
         return reward, self.world.safety[rows, responses] * directions
 
-    def policy(self) -> tuple[nn.Module, Any]:
+    def dataset_pairs(self, lam: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        raise ValueError("algorithm.pair_source=dataset: the tabular world has no preference dataset")
+
+    def policy(self, pairs: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
         def logratios(policy: TabularPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             x = batch["prompt"]
             rho_1 = policy.log_prob(x, batch["y1"]) - policy.ref_log_prob(x, batch["y1"])
@@ -104,7 +107,7 @@ class TabularStages:
 
     def train(self, pairs: dict[str, torch.Tensor], lam: np.ndarray, tracker: Any, *, progress: bool
               ) -> tuple[nn.Module, dict[str, Any]]:
-        policy, logratios = self.policy()
+        policy, logratios = self.policy(pairs)
         result = train_pairs(policy, pairs, logratios, beta=self.cfg.algorithm.beta, cfg=self.cfg.trainer,
                              seed=self.cfg.seed, log=tracker.log, progress=progress)
         return policy, {"train/final_loss": result.final_loss, "train/steps": result.steps, "train/cached": False}
@@ -164,8 +167,10 @@ class LanguageStages:
 
     def _prompts(self) -> tuple[list[str], list[str]]:
         d = self.cfg.dataset
+        if d.kind == "pku":
+            return self._preference_prompts()
         if d.kind != "toy":
-            raise ValueError(f"dataset.kind: {d.kind!r} has no language-model prompts yet; use dataset=toy")
+            raise ValueError(f"dataset.kind: {d.kind!r} is not a language-model world; use toy or pku")
         from alignment.toy import make_toy_world
 
         world = make_toy_world(d.seed, d.n_prompts, d.harmful_fraction, test_fraction=d.test_fraction)
@@ -175,6 +180,24 @@ class LanguageStages:
         if self.cfg.eval.max_prompts is not None:
             test = test[: self.cfg.eval.max_prompts]
         return train, test
+
+    def _preference_prompts(self) -> tuple[list[str], list[str]]:
+        """Unique prompts of PKU-SafeRLHF-style records: a seeded choice of ``n_prompts`` from the train split
+        for the dual, ``n_eval_prompts`` from the test split for evaluation (the split is recorded)."""
+        from alignment.pku_saferlhf import load_pku_saferlhf
+
+        d = self.cfg.dataset
+        self.records = load_pku_saferlhf(d.source, split=d.train_split)
+        rng = np.random.default_rng(d.seed)
+
+        def choose(prompts: list[str], k: int) -> list[str]:
+            unique = sorted(set(prompts))
+            return [unique[i] for i in sorted(rng.permutation(len(unique))[:k])]
+
+        train = choose([r.prompt for r in self.records], d.n_prompts)
+        test_records = load_pku_saferlhf(d.source, split=d.test_split)
+        test = choose([r.prompt for r in test_records], d.n_eval_prompts)
+        return train, [p for p in test if p not in set(train)]
 
     def _resolve_model(self) -> tuple[HFModelConfig, dict[str, Any]]:
         m = self.cfg.model
@@ -278,13 +301,36 @@ class LanguageStages:
         result = self.store.get_or_compute("ref_logprob", spec, compute=compute, version=self.LOGPROB_VERSION)
         return torch.as_tensor(np.load(result.path / "logprob.npy"))
 
-    def policy(self) -> tuple[nn.Module, Any]:
+    def dataset_pairs(self, lam: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The dataset's own response pairs of the dual's prompts (the paper's MoCAN code on PKU-SafeRLHF-30K),
+        scored by the configured scorers and labelled by σ(r_λ(y1) - r_λ(y0))."""
+        if not hasattr(self, "records"):
+            raise ValueError("algorithm.pair_source=dataset needs a preference dataset (dataset=pku-saferlhf-30k)")
+        index = {p: i for i, p in enumerate(self.sample_prompts)}
+        records = [r for r in self.records if r.prompt in index]
+        responses = [[r.response_0, r.response_1] for r in records]
+        ids = torch.as_tensor(self._register(responses))
+        reward, safety = self._score_texts([r.prompt for r in records], responses)
+        composite = torch.as_tensor(reward + safety @ lam)
+        labels = preference_labels(composite[:, 1], composite[:, 0], mode=self.cfg.algorithm.labels,
+                                   generator=generator)
+        prompts = torch.tensor([index[r.prompt] for r in records])
+        return {"prompt": prompts, "y1": ids[:, 1], "y0": ids[:, 0], "label": labels}
+
+    def policy(self, pairs: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
+        """The LoRA policy and its log-ratio function; π_ref log-probabilities of every response in ``pairs``
+        come from the cache (computed once, adapter disabled)."""
         from alignment.policies import encode_pairs, token_logprob_sum
 
         handle = self.policy_handle
-        flat_prompts = [p for p, row in zip(self.sample_prompts, self.sample_ids) for _ in row]
-        ref = self._ref_logprob(flat_prompts, [self.texts[i] for i in self.sample_ids.reshape(-1)])
-        offset = int(self.sample_ids.reshape(-1)[0])
+        used = torch.unique(torch.cat([pairs["y1"], pairs["y0"]]))
+        prompt_of = {}
+        for x, a, b in zip(pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist()):
+            prompt_of[a] = prompt_of[b] = x
+        ref_values = self._ref_logprob([self.sample_prompts[prompt_of[i]] for i in used.tolist()],
+                                       [self.texts[i] for i in used.tolist()])
+        ref = torch.full((len(self.texts),), float("nan"), dtype=torch.float64)
+        ref[used] = ref_values
         tokenizer, max_length = handle.tokenizer, self.model_cfg.max_length
 
         def logratios(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +339,7 @@ class LanguageStages:
             enc = encode_pairs(tokenizer, prompts + prompts, [self.texts[int(i)] for i in ids],
                                max_length=max_length)
             logp = token_logprob_sum(model, enc)  # one forward for both members of every pair
-            rho = logp.double() - ref[ids - offset].to(logp.device)
+            rho = logp.double() - ref[ids].to(logp.device)
             b = len(prompts)
             return rho[:b], rho[b:]
 
@@ -306,14 +352,15 @@ class LanguageStages:
         """Stage 2 with LoRA, cached: the adapter is keyed by the samples, their scores, λ, the pair and
         label settings, the trainer config and the seed, so reruns and sweeps reuse it."""
         cfg = self.cfg
-        flat_prompts = [p for p, row in zip(self.sample_prompts, self.sample_ids) for _ in row]
-        texts = [self.texts[i] for i in self.sample_ids.reshape(-1)]
-        spec = {"model": self.model_id, "samples": _digest([flat_prompts, texts]),
+        used = sorted(set(pairs["y1"].tolist()) | set(pairs["y0"].tolist()))
+        texts = [self.texts[i] for i in used]
+        flat_prompts = self.sample_prompts
+        spec = {"model": self.model_id, "texts": _digest([flat_prompts, texts]),
                 "pairs": _digest([pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist(),
                                   [round(float(v), 12) for v in pairs["label"]]]),
                 "lam": [float(v) for v in lam], "beta": cfg.algorithm.beta, "trainer": asdict(cfg.trainer),
                 "lora": asdict(self.model_cfg.lora) if self.model_cfg.lora else None, "seed": cfg.seed}
-        model, logratios = self.policy()
+        model, logratios = self.policy(pairs)
         info: dict[str, Any] = {}
 
         def compute(out: Path) -> None:
