@@ -157,7 +157,7 @@ class ToyModelConfig(HFModelConfig):
     hidden: int = 128
     layers: int = 2
     heads: int = 4
-    sft_steps: int = 600
+    sft_steps: int = 160
     sft_seed: int = 0
 
 

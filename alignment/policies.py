@@ -13,6 +13,7 @@ template when it has one, so scoring, sampling and training all see the same tex
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -107,8 +108,8 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
     eos = tokenizer.eos_token_id
     rows, masks = [], []
     for prompt, response in zip(prompts, responses):
-        p_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        p_ids = list(_token_ids(tokenizer, format_prompt(tokenizer, prompt)))
+        r_ids = list(_token_ids(tokenizer, response))
         if eos is not None:
             r_ids = [*r_ids, eos]
         if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
@@ -128,6 +129,12 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
     return {"input_ids": input_ids, "attention_mask": attention, "response_mask": response_mask}
 
 
+@functools.lru_cache(maxsize=262144)
+def _token_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
+    """Tokenisation memoised per (tokenizer, text): training revisits every text once per epoch."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ over response tokens of log p(token | prefix), [B]. Gradients flow when the caller enables them."""
     device = next(model.parameters()).device
@@ -136,7 +143,8 @@ def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
     targets = ids[:, 1:]
     mask = batch["response_mask"][:, 1:].to(device)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    # Fused log-softmax + gather: no [B, L, V] log-probability tensor is materialised.
+    logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return (logp * mask).sum(dim=-1)
 
 

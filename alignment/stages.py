@@ -202,13 +202,13 @@ class LanguageStages:
     def _resolve_model(self) -> tuple[HFModelConfig, dict[str, Any]]:
         m = self.cfg.model
         if isinstance(m, ToyModelConfig):
-            from alignment.toy import build_reference
+            from alignment.toy import TOY_VERSION, build_reference
 
             d = self.cfg.dataset
             spec = {"world": {"seed": d.seed, "n_prompts": d.n_prompts, "harmful_fraction": d.harmful_fraction,
                               "test_fraction": d.test_fraction},
                     "hidden": m.hidden, "layers": m.layers, "heads": m.heads, "steps": m.sft_steps,
-                    "seed": m.sft_seed}
+                    "seed": m.sft_seed, "toy_version": TOY_VERSION}
             result = self.store.get_or_compute(
                 "reference_model", spec, version="1",
                 compute=lambda out: build_reference(self.toy_world, out, seed=m.sft_seed, steps=m.sft_steps,
