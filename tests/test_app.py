@@ -73,7 +73,7 @@ def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-SMALL = ["dataset.n_prompts=30", "sampling.num_samples=16", "algorithm.pairs_per_prompt=16", "trainer.epochs=5",
+SMALL = ["experiment=tabular", "dataset.n_prompts=30", "sampling.num_samples=16", "algorithm.pairs_per_prompt=16", "trainer.epochs=5",
          "algorithm.dual.bootstrap=20", "eval.bootstrap=50"]
 
 
