@@ -195,9 +195,15 @@ class LanguageStages:
             return [unique[i] for i in sorted(rng.permutation(len(unique))[:k])]
 
         train = choose([r.prompt for r in self.records], d.n_prompts)
-        test_records = load_pku_saferlhf(d.source, split=d.test_split)
-        test = choose([r.prompt for r in test_records], d.n_eval_prompts)
-        return train, [p for p in test if p not in set(train)]
+        if Path(d.source).exists():  # one local file: hold out prompts the dual and stage 2 never see
+            pool = [r.prompt for r in self.records if r.prompt not in set(train)]
+        else:
+            pool = [r.prompt for r in load_pku_saferlhf(d.source, split=d.test_split)]
+        test = [p for p in choose(pool, d.n_eval_prompts) if p not in set(train)]
+        if not test:
+            raise ValueError(f"dataset: no held-out prompts left for evaluation from {d.source!r}; lower "
+                             "dataset.n_prompts or provide a test split")
+        return train, test
 
     def _resolve_model(self) -> tuple[HFModelConfig, dict[str, Any]]:
         m = self.cfg.model
