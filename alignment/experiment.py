@@ -21,7 +21,7 @@ from alignment.algorithms import InfeasibleMarginError, LambdaChoice, get_algori
 from alignment.config import Config
 from alignment.dual import dual_terms
 from alignment.provenance import run_info, seed_everything
-from alignment.stages import build_stages, make_pairs
+from alignment.stages import build_stages, make_pairs, percentile_interval
 from alignment.store import ArtifactStore, atomic_write_json
 from alignment.tracking import MultiTracker, make_tracker
 
@@ -33,12 +33,6 @@ def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     times[f"time/{stage}"] = time.perf_counter() - start
-
-
-def _interval(values: np.ndarray, level: float) -> list[float]:
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(values, [alpha, 1 - alpha], axis=0)
-    return [np.asarray(lo).tolist(), np.asarray(hi).tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,7 +120,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         cfg.tracker.kind, run_dir, project=cfg.tracker.project, entity=cfg.tracker.entity,
         group=cfg.tracker.group or group, job_type=cfg.algorithm.name, tags=cfg.tracker.tags,
         name=run_dir.name, config=resolved, mode=cfg.tracker.mode,
-    ) if cfg.tracker.kind == "wandb" else make_tracker("none", run_dir)
+    )
     store = ArtifactStore(cfg.cache_dir)
     times: dict[str, float] = {}
     margins = np.asarray(cfg.safety.margins)
@@ -169,7 +163,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         summary.update(evaluation)
         summary.update({
             "eval/constraint_slack": (achieved - margins).tolist(),
-            "eval/constraint_slack_ci": _interval(safety_draws - margins, cfg.eval.level),
+            "eval/constraint_slack_ci": percentile_interval(safety_draws - margins, cfg.eval.level),
             "eval/constraint_met": bool(np.all(achieved >= margins - cfg.eval.tolerance)),
             "eval/level": cfg.eval.level,
             "eval/tolerance": cfg.eval.tolerance,

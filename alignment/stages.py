@@ -30,7 +30,8 @@ from alignment.training import train_pairs
 log = logging.getLogger(__name__)
 
 
-def _interval(values: np.ndarray, level: float) -> list:
+def percentile_interval(values: np.ndarray, level: float) -> list:
+    """[low, high] percentile bounds over bootstrap draws (axis 0), as lists for JSON."""
     alpha = (1 - level) / 2
     lo, hi = np.quantile(values, [alpha, 1 - alpha], axis=0)
     return [np.asarray(lo).tolist(), np.asarray(hi).tolist()]
@@ -125,9 +126,9 @@ class TabularStages:
         target = tilted_weights(world.reward, world.safety, cfg.algorithm.beta, lam, ref_logprob=world.ref_logits)
         return {
             "eval/reward_gain": exact.reward_gain,
-            "eval/reward_gain_ci": _interval(reward_draws, cfg.eval.level),
+            "eval/reward_gain_ci": percentile_interval(reward_draws, cfg.eval.level),
             "eval/safety_gain": exact.safety_gain.tolist(),
-            "eval/safety_gain_ci": _interval(safety_draws, cfg.eval.level),
+            "eval/safety_gain_ci": percentile_interval(safety_draws, cfg.eval.level),
             "eval/kl": exact.kl,
             "eval/safety_draws": safety_draws,
             # Distance to the closed-form π_λ on the full candidate lists: how well stage 2 reached its target.
@@ -428,16 +429,16 @@ class LanguageStages:
                                                "safety_ref", "safety_policy"], rows)
         return {
             "eval/reward_gain": float(pol_r.mean() - ref_r.mean()),
-            "eval/reward_gain_ci": _interval(reward_draws, cfg.eval.level),
+            "eval/reward_gain_ci": percentile_interval(reward_draws, cfg.eval.level),
             "eval/safety_gain": (pol_g.mean(axis=(0, 1)) - ref_g.mean(axis=(0, 1))).tolist(),
-            "eval/safety_gain_ci": _interval(safety_draws, cfg.eval.level),
+            "eval/safety_gain_ci": percentile_interval(safety_draws, cfg.eval.level),
             "eval/safety_draws": safety_draws,
             "eval/kl": float(kl_per_prompt.mean()),
-            "eval/kl_ci": _interval(kl_per_prompt[idx].mean(axis=1), cfg.eval.level),
+            "eval/kl_ci": percentile_interval(kl_per_prompt[idx].mean(axis=1), cfg.eval.level),
             "eval/win_rate_helpfulness": float(win_h.mean()),
-            "eval/win_rate_helpfulness_ci": _interval(win_h[idx].mean(axis=1), cfg.eval.level),
+            "eval/win_rate_helpfulness_ci": percentile_interval(win_h[idx].mean(axis=1), cfg.eval.level),
             "eval/win_rate_safety": float(win_s.mean()),
-            "eval/win_rate_safety_ci": _interval(win_s[idx].mean(axis=1), cfg.eval.level),
+            "eval/win_rate_safety_ci": percentile_interval(win_s[idx].mean(axis=1), cfg.eval.level),
             "eval/reference_reward": float(ref_r.mean()),
             "eval/reference_safety": ref_g.mean(axis=(0, 1)).tolist(),
             "eval/prompts": n,
