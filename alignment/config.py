@@ -201,6 +201,26 @@ class DualConfig:
 
 
 @dataclass
+class MultiplierConfig:
+    """The Lagrange multiplier of primal-dual baselines (alignment/multiplier.py)."""
+
+    init: float = 1.0
+    lr: float = 0.1
+    max: float = 5.0  # Safe-RLHF's script caps λ at 5
+    delay: int = 0  # observations before the first update
+    window: int = 1  # slacks averaged per update
+    log_space: bool = True  # SGD on log λ (Safe-RLHF) instead of projected SGD on λ
+
+    def __post_init__(self) -> None:
+        if self.init < 0 or self.max <= 0 or self.init > self.max:
+            raise ValueError(f"multiplier: need 0 <= init <= max and max > 0, got init={self.init}, max={self.max}")
+        if self.log_space and self.init == 0:
+            raise ValueError("multiplier.init: log-space updates need init > 0 (log 0 is -inf)")
+        if self.lr <= 0 or self.window < 1 or self.delay < 0:
+            raise ValueError("multiplier: need lr > 0, window >= 1, delay >= 0")
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "mocan"
     beta: float = 0.1  # KL coefficient β: the same β in the dual and in the stage-2 loss
