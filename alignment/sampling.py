@@ -42,12 +42,15 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
             texts = [format_prompt(tokenizer, p) for p in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True,
                             add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
-            torch.manual_seed(seed * 1_000_003 + b)
-            generated = model.generate(
-                **enc, do_sample=True, temperature=spec.temperature, top_p=spec.top_p,
-                max_new_tokens=spec.max_new_tokens, num_return_sequences=k,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
+            # top_k=0: generate() otherwise truncates to the model's default top-50, and the dual's samples must
+            # come from π_ref itself. fork_rng leaves the caller's global RNG untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + b)
+                generated = model.generate(
+                    **enc, do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+                    max_new_tokens=spec.max_new_tokens, num_return_sequences=k,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )
             new = generated[:, enc["input_ids"].shape[1]:]
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
             out.extend([s.strip() for s in decoded[i * k:(i + 1) * k]] for i in range(len(chunk)))

@@ -149,7 +149,7 @@ class LanguageStages:
     """Stages over a causal LM with LoRA. Prompts come from the configured world; samples, scores, reference
     log-probabilities, adapters and evaluation samples are cached by content."""
 
-    SAMPLES_VERSION = "1"
+    SAMPLES_VERSION = "2"  # 2: top_k disabled (pure π_ref samples)
     SCORES_VERSION = "1"
     LOGPROB_VERSION = "1"
 

@@ -167,3 +167,16 @@ def test_preference_dataset_pairs_end_to_end(tmp_path, tiny_lm):
     assert s["status"] == "completed"
     assert s["train/pairs"] == 2  # one record per chosen prompt in the sample file
     assert s["train/steps"] == 2 and s["eval/prompts"] == 2
+
+
+def test_sampling_draws_from_the_full_distribution(tiny_lm):
+    """No hidden top-k truncation: with one prompt, single-token responses hit more than 50 distinct tokens
+    (a random 600-token model spreads mass widely; generate()'s default top_k=50 would cap it at 50)."""
+    policy = load_policy(model_cfg(tiny_lm, lora=False))
+    spec = GenerationSpec(num_samples=400, max_new_tokens=1, batch_size=400)
+    out = sample_responses(policy.model, policy.tokenizer, PROMPTS[:1], spec, seed=0)
+    assert len(set(out[0])) > 50
+    before = torch.random.get_rng_state()
+    sample_responses(policy.model, policy.tokenizer, PROMPTS[:1], GenerationSpec(num_samples=2, max_new_tokens=2),
+                     seed=0)
+    assert torch.equal(before, torch.random.get_rng_state())  # the caller's RNG is untouched
