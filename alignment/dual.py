@@ -32,6 +32,7 @@ __all__ = [
     "DualTerms",
     "BootstrapResult",
     "Interval",
+    "dual_path",
     "dual_terms",
     "reachable_margin",
     "solve_dual",
@@ -266,11 +267,20 @@ def dual_terms(
     reward: Any, safety: Any, margin: Any, beta: float, lam: Any, *, ref_logprob: Any = None
 ) -> DualTerms:
     """D(λ), ∇D(λ), ∇²D(λ) and the predicted gains of π_λ at a given λ (for plots and checks)."""
+    return dual_path(reward, safety, margin, beta, [lam], ref_logprob=ref_logprob)[0]
+
+
+def dual_path(
+    reward: Any, safety: Any, margin: Any, beta: float, lams: Any, *, ref_logprob: Any = None
+) -> list[DualTerms]:
+    """:func:`dual_terms` at each of G points ``lams`` ([G, m]), validating and laying out the scores once
+    (dual curves for plots evaluate D on a grid)."""
     p = _prepare(reward, safety, margin, beta, ref_logprob)
-    lam = _as_array(lam, "lam").reshape(-1)
-    if lam.shape != (p.m,):
-        raise ValueError(f"lam: expected {p.m} values, got {lam.shape}")
-    return _terms(p, lam)
+    grid = _as_array(lams, "lam")
+    grid = grid.reshape(len(grid), -1) if grid.ndim else grid.reshape(1, 1)
+    if grid.shape[1] != p.m:
+        raise ValueError(f"lam: expected {p.m} values per point, got {grid.shape[1]}")
+    return [_terms(p, lam) for lam in grid]
 
 
 def tilted_weights(reward: Any, safety: Any, beta: float, lam: Any, *, ref_logprob: Any = None) -> np.ndarray:

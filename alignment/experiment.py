@@ -19,7 +19,7 @@ import torch
 
 from alignment.algorithms import InfeasibleMarginError, LambdaChoice, get_algorithm
 from alignment.config import Config
-from alignment.dual import dual_terms
+from alignment.dual import dual_path
 from alignment.provenance import run_info, seed_everything
 from alignment.stages import build_stages, make_pairs, percentile_interval
 from alignment.store import ArtifactStore, atomic_write_json
@@ -53,14 +53,11 @@ def _dual_curve(reward: np.ndarray, safety: np.ndarray, choice: LambdaChoice, cf
     grid = np.linspace(0.0, span, 41)
     rows, fig, ax = [], *plt.subplots(figsize=(4.5, 3.2))
     for j, name in enumerate(cfg.safety.constraints):
-        values = []
-        for value in grid:
-            lam = lam_star.copy()
-            lam[j] = value
-            t = dual_terms(reward, safety, margins, cfg.algorithm.beta, lam, ref_logprob=ref_logprob)
-            values.append(t.value)
-            rows.append([name, float(value), t.value, float(t.safety_gain[j])])
-        ax.plot(grid, values, label=f"{name}")
+        points = np.repeat(lam_star[None, :], len(grid), axis=0)
+        points[:, j] = grid
+        path = dual_path(reward, safety, margins, cfg.algorithm.beta, points, ref_logprob=ref_logprob)
+        rows += [[name, float(value), t.value, float(t.safety_gain[j])] for value, t in zip(grid, path)]
+        ax.plot(grid, [t.value for t in path], label=f"{name}")
         ax.axvline(lam_star[j], ls=":", color=ax.lines[-1].get_color())
     ax.set_xlabel("λ (other coordinates at λ*)")
     ax.set_ylabel("D(λ)")

@@ -929,10 +929,14 @@ def build_tokenizer(world: ToyWorld | None = None, out_dir: str | Path | None = 
 
 
 def format_prompt(tokenizer: Any, prompt_text: str) -> str:
-    """The generation prompt for ``prompt_text``: "<s> user : {prompt} assistant :"."""
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt_text}], add_generation_prompt=True, tokenize=False
-    )
+    """The generation prompt for ``prompt_text``: "<s> user : {prompt} assistant :".
+
+    The same function the language-model stages use (alignment/policies.py), so SFT, sampling, scoring and
+    stage 2 cannot drift apart in how they render a prompt.
+    """
+    from alignment.policies import format_prompt as render
+
+    return render(tokenizer, prompt_text)
 
 
 def encode_example(tokenizer: Any, prompt_text: str, response_text: str) -> tuple[list[int], list[int]]:
