@@ -1,18 +1,34 @@
-"""How each algorithm chooses λ. Everything else (sampling, scoring, stage 2, evaluation) is shared.
+"""The algorithms users compare: how each chooses λ and the policy. Sampling and scoring π_ref, evaluation and
+the summary are shared (alignment/experiment.py); so are the one training loop and the world's stages.
 
-Names map to algorithms through one explicit dict, so the name in a config, a sweep folder and a figure legend
-is greppable to its definition here.
+    mocan         λ* from the dual on scored π_ref samples, then one stage-2 run on r + λ*ᵀg
+    pecan         the same on implicit rewards β log π/π_ref of DPO-pre-aligned policies (no scorers)
+    primal_dual   dual ascent, retraining stage 2 at every λ_t (cold start, or warm from λ*)
+    safe_rlhf     online Lagrangian policy gradient (alignment/online.py)
+    dpo           DPO on helpfulness-only or safety-only preferences (DPO_H, DPO_S)
+    fixed_lambda  stage 2 at a given λ, no dual (λ grids)
+    reference     π_ref itself: the origin of every gain
+
+Names map to functions through one explicit dict, so the name in a config, a sweep folder and a figure legend
+is greppable to its definition here. Every function takes an ``AlignmentContext`` and returns an ``Outcome``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
 
-from alignment.config import AlgorithmConfig
+from alignment.config import AlgorithmConfig, Config
 from alignment.dual import BootstrapResult, DualSolution, bootstrap, solve_dual
+from alignment.multiplier import LagrangeMultiplier
+from alignment.online import safe_rlhf_train
+from alignment.stages import make_pairs, reference_means
 
 
 class InfeasibleMarginError(ValueError):
@@ -40,14 +56,248 @@ def one_shot_dual(reward: np.ndarray, safety: np.ndarray, margin: np.ndarray, cf
     return LambdaChoice(sol.lam, sol, intervals)
 
 
-ChooseLambda = Callable[..., LambdaChoice]
+@dataclass
+class AlignmentContext:
+    """What every algorithm receives: the config, the world's stages, π_ref's scored samples (the dual's data)
+    and the run's tracker, pair generator and stage timer."""
 
-ALGORITHMS: dict[str, ChooseLambda] = {
-    "mocan": one_shot_dual,
+    cfg: Config
+    world: Any  # TabularStages | LanguageStages
+    responses: np.ndarray  # [N, K] response ids of π_ref samples
+    ref_logprob: np.ndarray | None  # [N, K] for exact candidate lists, else None (iid samples)
+    reward: np.ndarray  # [N, K]
+    safety: np.ndarray  # [N, K, m]
+    tracker: Any
+    generator: torch.Generator  # pairs, labels and policy samples
+    progress: bool = True
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def margins(self) -> np.ndarray:
+        return np.asarray(self.cfg.safety.margins)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Accumulate wall time under ``time/<stage>`` (several trainings add up)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{stage}"
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
+
+    def dual(self, reward: np.ndarray, safety: np.ndarray) -> LambdaChoice:
+        with self.timed("dual"):
+            return one_shot_dual(reward, safety, self.margins, self.cfg.algorithm, ref_logprob=self.ref_logprob,
+                                 seed=self.cfg.seed)
+
+    def stage2(self, reward: np.ndarray, safety: np.ndarray, lam: np.ndarray, *, phase: str = "train"
+               ) -> tuple[Any, dict[str, Any]]:
+        """One pseudo-preference run from π_ref on pairs labelled by σ(Δ(r + λᵀg)); β = algorithm.beta."""
+        cfg = self.cfg.algorithm
+        with self.timed("train"):
+            if cfg.pair_source == "dataset":
+                pairs = self.world.dataset_pairs(lam, self.generator)
+            else:
+                pairs = make_pairs(self.responses, reward + safety @ lam, self.ref_logprob,
+                                   pairs_per_prompt=cfg.pairs_per_prompt, labels=cfg.labels,
+                                   generator=self.generator)
+            policy, info = self.world.train(pairs, beta=cfg.beta, log=self.tracker.phase(phase),
+                                            progress=self.progress)
+        return policy, {**info, "train/pairs": int(pairs["label"].shape[0])}
+
+    def preference_pairs(self, objective: str, j: int = 0) -> dict[str, torch.Tensor]:
+        """Preference data for DPO: the dataset's own (PKU-SafeRLHF better/safer ids) when the world has one;
+        otherwise pairs of π_ref samples labelled by Bradley-Terry on the gold reward (``helpful``) or safety
+        score j (``safe``), one Bernoulli draw per pair with ``labels: sampled``, the probability itself with
+        ``labels: soft`` (the many-annotator limit)."""
+        if self.world.has_preference_data:
+            if j:
+                raise ValueError("the preference dataset has one safety preference; use one constraint")
+            return self.world.dataset_preferences(objective)
+        scores = self.reward if objective == "helpful" else self.safety[..., j]
+        return make_pairs(self.responses, scores, self.ref_logprob, pairs_per_prompt=self.cfg.algorithm.pairs_per_prompt,
+                          labels=self.cfg.algorithm.labels, generator=self.generator)
+
+    def dpo(self, objective: str, beta: float, j: int = 0, *, phase: str) -> tuple[Any, dict[str, Any]]:
+        with self.timed("train"):
+            pairs = self.preference_pairs(objective, j)
+            policy, info = self.world.train(pairs, beta=beta, log=self.tracker.phase(phase), progress=self.progress)
+        return policy, {**info, "train/pairs": int(pairs["label"].shape[0])}
+
+
+@dataclass
+class Outcome:
+    """What an algorithm hands to evaluation: the policy (``None`` = π_ref), the λ it ended with (``None`` when
+    λ means nothing to it), the dual's solution if it solved one, and its own summary entries."""
+
+    policy: Any
+    lam: np.ndarray | None
+    choice: LambdaChoice | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    dual_scores: tuple[np.ndarray, np.ndarray] | None = None  # the (r, g) its dual was solved on
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The algorithms
+
+
+def mocan(ctx: AlignmentContext) -> Outcome:
+    """Model-based constrained alignment: λ* = argmin D on scored π_ref samples, then one stage-2 run."""
+    choice = ctx.dual(ctx.reward, ctx.safety)
+    policy, info = ctx.stage2(ctx.reward, ctx.safety, choice.lam)
+    return Outcome(policy, choice.lam, choice, info, (ctx.reward, ctx.safety))
+
+
+def pecan(ctx: AlignmentContext) -> Outcome:
+    """Preference-based constrained alignment: no reward or cost model.
+
+    Pre-alignment: DPO with β_h on helpfulness preferences gives π_h, DPO with β_s on safety preferences gives
+    π_s (one per constraint). On π_ref's samples, r̂ = β_h log π_h/π_ref and ĝ = β_s log π_s/π_ref recover
+    r and g up to per-prompt constants, which cancel in the dual and in pair labels. Then MoCAN on (r̂, ĝ):
+    the dual with the margin relative to π_ref, and stage 2 on σ(Δ(r̂ + λᵀĝ)). The β factors are kept; the
+    paper's public PeCAN code drops them, which rescales λ* by β_s/β_h and the margin's units by β_s.
+    """
+    cfg = ctx.cfg.algorithm
+    if cfg.pair_source == "dataset":
+        raise ValueError("algorithm=pecan labels pairs by implicit rewards of π_ref samples; "
+                         "set algorithm.pair_source=samples")
+    beta_h = cfg.beta_helpful or cfg.beta
+    beta_s = cfg.beta_safe or cfg.beta
+    pi_h, info_h = ctx.dpo("helpful", beta_h, phase="pecan_helpful")
+    reward_hat = beta_h * ctx.world.logratio(pi_h, ctx.responses)
+    safety_hat = np.empty_like(ctx.safety)
+    info: dict[str, Any] = {"pecan/helpful_adapter": info_h.get("train/adapter"), "pecan/beta_helpful": beta_h,
+                            "pecan/beta_safe": beta_s}
+    for j in range(ctx.safety.shape[-1]):
+        pi_s, _ = ctx.dpo("safe", beta_s, j, phase=f"pecan_safe{j}")
+        safety_hat[..., j] = beta_s * ctx.world.logratio(pi_s, ctx.responses)
+    choice = ctx.dual(reward_hat, safety_hat)
+    policy, train_info = ctx.stage2(reward_hat, safety_hat, choice.lam)
+    sol = choice.solution
+    info.update({
+        # How well the implicit rewards track the scorers (within-prompt correlation; 1 is perfect recovery).
+        "pecan/reward_correlation": _within_prompt_corr(reward_hat, ctx.reward),
+        "pecan/safety_correlation": [_within_prompt_corr(safety_hat[..., j], ctx.safety[..., j])
+                                     for j in range(ctx.safety.shape[-1])],
+        "pecan/implicit_predicted_safety_gain": sol.predicted_safety_gain.tolist(),
+        "pecan/implicit_predicted_reward_gain": sol.predicted_reward_gain,
+    })
+    return Outcome(policy, choice.lam, choice, {**train_info, **info}, (reward_hat, safety_hat))
+
+
+def fixed_lambda(ctx: AlignmentContext) -> Outcome:
+    """Stage 2 at a given λ (``algorithm.lam``), no dual: the building block of λ grids."""
+    lam = _given_lambda(ctx.cfg.algorithm.lam, ctx.safety.shape[-1])
+    policy, info = ctx.stage2(ctx.reward, ctx.safety, lam)
+    return Outcome(policy, lam, None, info)
+
+
+def dpo(ctx: AlignmentContext) -> Outcome:
+    """DPO on one objective's preferences with β = algorithm.beta: DPO_H (``preference=helpful``) or DPO_S
+    (``preference=safe``, the first safety score). With the same β, DPO_H is PeCAN's π_h (the same cached
+    adapter)."""
+    preference = ctx.cfg.algorithm.preference
+    policy, info = ctx.dpo(preference, ctx.cfg.algorithm.beta, phase="train")
+    return Outcome(policy, None, None, {**info, "dpo/preference": preference})
+
+
+def reference(ctx: AlignmentContext) -> Outcome:
+    """π_ref, evaluated like every aligned policy (gains are zero up to evaluation noise, which is the check)."""
+    return Outcome(None, None)
+
+
+def primal_dual(ctx: AlignmentContext) -> Outcome:
+    """Iterative dual ascent with retraining (projected gradient descent on D, gradients from trained policies).
+
+    For t = 1..T: π_t = stage 2 at λ_t; slack_t = Ê_{π_t} g - E_ref g - b on the dual's prompts;
+    λ_{t+1} = max(0, λ_t - η slack_t). ∇D(λ) is exactly E_{π_λ} g - E_ref g - b, so each step is a dual
+    gradient step whose gradient costs a training run and a sampling pass: what one-shot dualization saves.
+    Cold start: λ_0 = multiplier.init. Warm start: λ_0 = λ* of the dual (multi-shot refinement of MoCAN).
+    """
+    cfg, pd = ctx.cfg, ctx.cfg.algorithm.primal_dual
+    tol = cfg.eval.tolerance if pd.tolerance is None else pd.tolerance
+    m = ctx.safety.shape[-1]
+    choice = ctx.dual(ctx.reward, ctx.safety) if pd.warm_start else None
+    multiplier = LagrangeMultiplier(pd.multiplier, m, init=None if choice is None else choice.lam)
+    ref_safety = reference_means(ctx.safety, ctx.ref_logprob).mean(axis=0)  # [m]
+    history: list[dict[str, Any]] = []
+    converged = False
+    for t in range(pd.iterations):
+        lam = multiplier.value.copy()
+        policy, info = ctx.stage2(ctx.reward, ctx.safety, lam, phase=f"primal_dual{t}")
+        with ctx.timed("probe"):
+            reward_t, safety_t = ctx.world.policy_scores(policy, pd.num_samples, ctx.generator)
+        slack = safety_t.mean(axis=0) - ref_safety - ctx.margins
+        history.append({"iteration": t, "lambda": lam.tolist(), "slack": slack.tolist(),
+                        "reward": float(reward_t.mean())})
+        ctx.tracker.log({"primal_dual/lambda": float(lam[0]), "primal_dual/slack": float(slack[0]),
+                         "primal_dual/iteration": t}, step=ctx.tracker.last_step + 1)
+        # KKT within tolerance: active constraints hold with equality, inactive ones have λ = 0.
+        if np.all((np.abs(slack) <= tol) | ((lam == 0) & (slack >= -tol))):
+            converged = True
+            break
+        multiplier.update(slack)
+    info.update({"primal_dual/iterations": len(history), "primal_dual/converged": converged,
+                 "primal_dual/history": history, "primal_dual/tolerance": tol,
+                 "primal_dual/lambda0": history[0]["lambda"]})
+    return Outcome(policy, np.asarray(history[-1]["lambda"]), choice, info)
+
+
+def safe_rlhf(ctx: AlignmentContext) -> Outcome:
+    """Safe-RLHF-style online primal-dual (PPO-Lag with leave-one-out baselines; alignment/online.py)."""
+    cfg = ctx.cfg
+    sr = cfg.algorithm.safe_rlhf
+    ref_safety = reference_means(ctx.safety, ctx.ref_logprob)  # [N, m]
+    spec = {"safe_rlhf": asdict(sr), "beta": cfg.algorithm.beta, "margins": ctx.margins.tolist(),
+            "ref_safety": np.round(ref_safety, 12).tolist(), "tolerance": cfg.eval.tolerance}
+
+    def run(policy: Any, work: Any) -> dict[str, Any]:
+        result = safe_rlhf_train(ctx.world, policy, cfg=sr, beta=cfg.algorithm.beta, margins=ctx.margins,
+                                 ref_safety=ref_safety, seed=cfg.seed, tolerance=cfg.eval.tolerance,
+                                 log=ctx.tracker.phase("safe_rlhf"), progress=ctx.progress)
+        ctx.world.compute.add(training_runs=1)
+        return {"safe_rlhf/lambda": result.lam.tolist(), "safe_rlhf/history": result.history,
+                "safe_rlhf/first_feasible_step": result.first_feasible_step, "train/steps": sr.steps}
+
+    with ctx.timed("train"):
+        policy, info = ctx.world.online_policy(spec, run)
+    return Outcome(policy, np.asarray(info["safe_rlhf/lambda"]), None, info)
+
+
+def _given_lambda(value: Any, m: int) -> np.ndarray:
+    if value is None:
+        raise ValueError("algorithm.lam: fixed_lambda needs λ, e.g. algorithm.lam=0.5 (or a list, one per "
+                         "constraint)")
+    values = np.atleast_1d(np.asarray(value, dtype=float))
+    if values.size == 1:
+        values = np.full(m, values[0])
+    if values.shape != (m,) or not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError(f"algorithm.lam: {m} finite values >= 0 required, got {value!r}")
+    return values
+
+
+def _within_prompt_corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")
+
+
+Algorithm = Callable[[AlignmentContext], Outcome]
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "mocan": mocan,
+    "pecan": pecan,
+    "primal_dual": primal_dual,
+    "safe_rlhf": safe_rlhf,
+    "dpo": dpo,
+    "fixed_lambda": fixed_lambda,
+    "reference": reference,
 }
 
 
-def get_algorithm(name: str) -> ChooseLambda:
+def get_algorithm(name: str) -> Algorithm:
     try:
         return ALGORITHMS[name]
     except KeyError:

@@ -221,13 +221,72 @@ class MultiplierConfig:
 
 
 @dataclass
+class PrimalDualConfig:
+    """``algorithm=primal_dual``: dual ascent with a full stage-2 retraining per step.
+
+    For t = 1..T: train π_t at λ_t (from π_ref, as MoCAN does at λ*), sample and score π_t on the dual's prompts,
+    slack_t = Ê_{π_t} g - E_ref g - b, and λ_{t+1} = max(0, λ_t - η slack_t) (the multiplier below). Stops
+    when the KKT conditions hold within ``tolerance``: |slack| <= tol, or λ = 0 with slack >= -tol.
+    """
+
+    iterations: int = 8  # T, the most retrainings
+    warm_start: bool = False  # λ_0 = λ* of the dual (multi-shot refinement) instead of multiplier.init
+    num_samples: int = 8  # samples of π_t per prompt for the slack estimate
+    tolerance: float | None = None  # null: eval.tolerance
+    # η: projected SGD on λ; a step near 1/D''(λ*) makes the loop a Newton iteration.
+    multiplier: MultiplierConfig = field(
+        default_factory=lambda: MultiplierConfig(init=0.0, lr=1.0, max=100.0, log_space=False))
+
+    def __post_init__(self) -> None:
+        _positive(self, "iterations", "num_samples")
+
+
+@dataclass
+class SafeRLHFConfig:
+    """``algorithm=safe_rlhf``: online Lagrangian policy gradient as Safe-RLHF's PPO-Lag does it.
+
+    Each step samples ``samples_per_prompt`` responses for ``prompts_per_step`` prompts from the current policy,
+    shapes the reward as r - β(log π_θ - log π_ref) (the KL penalty on the reward side only, so that for fixed λ
+    the fixed point is π_λ of the same constrained problem), takes leave-one-out baselines over a prompt's
+    samples in place of critics, combines advantages as (A_r + λ A_g)/(1 + λ), runs ``ppo_epochs`` clipped
+    updates, then updates λ from the batch's constraint slack (Safe-RLHF's log-λ SGD with delay and window).
+    """
+
+    steps: int = 200
+    prompts_per_step: int = 32
+    samples_per_prompt: int = 4  # >= 2 for leave-one-out baselines
+    ppo_epochs: int = 2
+    clip_range: float = 0.2
+    lr: float = 1.0e-3
+    max_grad_norm: float = 1.0
+    # Safe-RLHF's defaults: lambda_init 1, lambda_lr 0.1 (on log λ), λ_max 5, no delay; the cost window here
+    # counts update steps (each the mean over a whole batch of episodes).
+    multiplier: MultiplierConfig = field(
+        default_factory=lambda: MultiplierConfig(init=1.0, lr=0.1, max=5.0, window=4, log_space=True))
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "prompts_per_step", "ppo_epochs", "clip_range", "lr", "max_grad_norm")
+        if self.samples_per_prompt < 2:
+            raise ValueError("algorithm.safe_rlhf.samples_per_prompt: leave-one-out baselines need >= 2")
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = "mocan"
+    """How λ (and the policy) are chosen. One schema for every algorithm so sweeps can vary ``name`` alone;
+    fields an algorithm does not use are ignored by it (alignment/algorithms.py says which use what)."""
+
+    name: str = "mocan"  # mocan | pecan | safe_rlhf | primal_dual | dpo | fixed_lambda | reference
     beta: float = 0.1  # KL coefficient β: the same β in the dual and in the stage-2 loss
     labels: str = "soft"  # soft: p = σ(Δ r_λ) in the loss; sampled: Bernoulli(p) hard labels (the paper)
     pairs_per_prompt: int = 8
     pair_source: str = "samples"  # samples: pairs of π_ref samples; dataset: the dataset's own response pairs
     dual: DualConfig = field(default_factory=DualConfig)
+    lam: Any = None  # fixed_lambda: λ (a float for every constraint, or one per constraint)
+    preference: str = "helpful"  # dpo: helpful (DPO_H) | safe (DPO_S, first safety score)
+    beta_helpful: float | None = None  # pecan: β_h of the helpfulness pre-alignment (null: beta)
+    beta_safe: float | None = None  # pecan: β_s of the safety pre-alignments (null: beta)
+    primal_dual: PrimalDualConfig = field(default_factory=PrimalDualConfig)
+    safe_rlhf: SafeRLHFConfig = field(default_factory=SafeRLHFConfig)
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -237,6 +296,21 @@ class AlgorithmConfig:
         _positive(self, "pairs_per_prompt")
         if self.pair_source not in ("samples", "dataset"):
             raise ValueError(f"algorithm.pair_source: 'samples' or 'dataset', got {self.pair_source!r}")
+        if self.preference not in ("helpful", "safe"):
+            raise ValueError(f"algorithm.preference: 'helpful' or 'safe', got {self.preference!r}")
+        for name in ("beta_helpful", "beta_safe"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"algorithm.{name}: must be > 0 (or null for algorithm.beta), got {value}")
+
+    @property
+    def label(self) -> str:
+        """The name figures and tables use: the algorithm plus the variant that changes what it is."""
+        if self.name == "dpo":
+            return f"dpo_{self.preference}"
+        if self.name == "primal_dual":
+            return "primal_dual_warm" if self.primal_dual.warm_start else "primal_dual_cold"
+        return self.name
 
 
 @dataclass

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignment.algorithms import InfeasibleMarginError, LambdaChoice, get_algorithm
+from alignment.algorithms import AlignmentContext, InfeasibleMarginError, LambdaChoice, Outcome, get_algorithm
 from alignment.config import Config
-from alignment.dual import dual_path
+from alignment.dual import dual_path, dual_terms
 from alignment.provenance import run_info, seed_everything
-from alignment.stages import build_stages, make_pairs, percentile_interval
+from alignment.stages import build_stages, percentile_interval
 from alignment.store import ArtifactStore, atomic_write_json
 from alignment.tracking import MultiTracker, make_tracker
 
@@ -39,7 +39,7 @@ def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
 # Reporting helpers
 
 
-def _dual_curve(reward: np.ndarray, safety: np.ndarray, choice: LambdaChoice, cfg: Config,
+def _dual_curve(reward: np.ndarray, safety: np.ndarray, lam_star: np.ndarray, cfg: Config,
                 ref_logprob: np.ndarray | None, tracker: MultiTracker) -> None:
     """D(λ) along each coordinate through λ*, logged as a table and a figure (paper Fig. 1b)."""
     import matplotlib
@@ -47,7 +47,6 @@ def _dual_curve(reward: np.ndarray, safety: np.ndarray, choice: LambdaChoice, cf
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lam_star = choice.lam
     margins = np.asarray(cfg.safety.margins)
     span = max(3.0 * float(np.max(lam_star)), 1.0)
     grid = np.linspace(0.0, span, 41)
@@ -68,34 +67,60 @@ def _dual_curve(reward: np.ndarray, safety: np.ndarray, choice: LambdaChoice, cf
     plt.close(fig)
 
 
-def _dual_summary(choice: LambdaChoice, cfg: Config) -> dict[str, Any]:
+# Keys every summary has, whatever the algorithm (None where a quantity means nothing to it), so tables,
+# reports and figures can read any run the same way. Algorithms add their own under "<name>/...".
+COMMON_KEYS = (
+    "dual/lambda", "dual/value", "dual/converged", "dual/feasible", "dual/iterations", "dual/message",
+    "dual/reachable_margin", "dual/lambda_ci", "dual/bootstrap_infeasible_fraction",
+    "predicted/safety_gain", "predicted/reward_gain", "predicted/kl",
+    "predicted/safety_gain_ci", "predicted/reward_gain_ci", "predicted/kl_ci",
+    "train/final_loss", "train/steps", "train/pairs", "train/cached", "train/adapter",
+)
+
+
+def _dual_summary(choice: LambdaChoice | None) -> dict[str, Any]:
+    """The dual stage's solution and bootstrap intervals (MoCAN, PeCAN, warm primal-dual)."""
+    if choice is None or choice.solution is None:
+        return {}
     sol = choice.solution
-    out: dict[str, Any] = {"dual/lambda": choice.lam.tolist()}
-    if sol is None:
-        return out
-    out.update({
+    out: dict[str, Any] = {
         "dual/value": sol.value,
         "dual/converged": sol.converged,
         "dual/feasible": sol.feasible,
         "dual/iterations": sol.iterations,
         "dual/message": sol.message,
         "dual/reachable_margin": sol.reachable_margin.tolist(),
-        "predicted/safety_gain": sol.predicted_safety_gain.tolist(),
-        "predicted/reward_gain": sol.predicted_reward_gain,
-        "predicted/kl": sol.predicted_kl,
-    })
+    }
     boot = choice.intervals
     if boot is not None:
         out.update({
             "dual/lambda_ci": [np.asarray(boot.lam.low).tolist(), np.asarray(boot.lam.high).tolist()],
+            "dual/bootstrap_infeasible_fraction": boot.infeasible_fraction,
+        })
+    return out
+
+
+def _predictions(outcome: Outcome, ctx: AlignmentContext) -> dict[str, Any]:
+    """What the dual on the evaluation scorers predicts for π_λ at the λ the algorithm ended with (every
+    algorithm with a λ); intervals when that λ is the bootstrapped dual solution on the same scores."""
+    if outcome.lam is None:
+        return {}
+    cfg = ctx.cfg
+    terms = dual_terms(ctx.reward, ctx.safety, ctx.margins, cfg.algorithm.beta, outcome.lam,
+                       ref_logprob=ctx.ref_logprob)
+    out: dict[str, Any] = {"predicted/safety_gain": terms.safety_gain.tolist(),
+                           "predicted/reward_gain": terms.reward_gain, "predicted/kl": terms.kl}
+    choice = outcome.choice
+    same_scores = outcome.dual_scores is not None and outcome.dual_scores[0] is ctx.reward
+    if choice is not None and choice.intervals is not None and same_scores and np.array_equal(choice.lam, outcome.lam):
+        boot = choice.intervals
+        out.update({
             # Gains of π_λ̂ at the chosen λ̂ over resampled prompts: the interval the achieved gains are
             # compared with (re-solving per resample would pin active constraints at the margin).
             "predicted/safety_gain_ci": [np.asarray(boot.safety_gain_at_lam.low).tolist(),
                                          np.asarray(boot.safety_gain_at_lam.high).tolist()],
-            "predicted/reward_gain_ci": [float(boot.reward_gain_at_lam.low),
-                                         float(boot.reward_gain_at_lam.high)],
+            "predicted/reward_gain_ci": [float(boot.reward_gain_at_lam.low), float(boot.reward_gain_at_lam.high)],
             "predicted/kl_ci": [float(boot.predicted_kl.low), float(boot.predicted_kl.high)],
-            "dual/bootstrap_infeasible_fraction": boot.infeasible_fraction,
         })
     return out
 
@@ -107,6 +132,7 @@ def _dual_summary(choice: LambdaChoice, cfg: Config) -> dict[str, Any]:
 def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None, group: str | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Align the configured policy with the configured algorithm; write and return the summary."""
+    algorithm = get_algorithm(cfg.algorithm.name)  # an unknown name fails before any work
     run_dir = Path(cfg.run_dir or ".")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config if resolved_config is not None else asdict(cfg)
@@ -115,19 +141,22 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     atomic_write_json(run_dir / "run_info.json", info)
     tracker = make_tracker(
         cfg.tracker.kind, run_dir, project=cfg.tracker.project, entity=cfg.tracker.entity,
-        group=cfg.tracker.group or group, job_type=cfg.algorithm.name, tags=cfg.tracker.tags,
+        group=cfg.tracker.group or group, job_type=cfg.algorithm.label, tags=cfg.tracker.tags,
         name=run_dir.name, config=resolved, mode=cfg.tracker.mode,
     )
     store = ArtifactStore(cfg.cache_dir)
     times: dict[str, float] = {}
     margins = np.asarray(cfg.safety.margins)
-    summary: dict[str, Any] = {"algorithm": cfg.algorithm.name, "seed": cfg.seed, "margin": margins.tolist(),
-                               "beta": cfg.algorithm.beta, "constraints": list(cfg.safety.constraints),
-                               "world": cfg.dataset.name, "model": cfg.model.name, "status": "running"}
+    summary: dict[str, Any] = {"algorithm": cfg.algorithm.name, "algorithm/label": cfg.algorithm.label,
+                               "seed": cfg.seed, "margin": margins.tolist(), "beta": cfg.algorithm.beta,
+                               "constraints": list(cfg.safety.constraints), "world": cfg.dataset.name,
+                               "model": cfg.model.name, "status": "running", **dict.fromkeys(COMMON_KEYS)}
     # Separate streams per purpose, so e.g. changing pairs_per_prompt does not change π_ref's samples.
     streams = np.random.SeedSequence(cfg.seed).spawn(4)
     gen_sample, gen_pairs = (torch.Generator().manual_seed(int(s.generate_state(1)[0])) for s in streams[:2])
     eval_rng = np.random.default_rng(streams[3])
+    stages = None
+    compute_spent: dict[str, Any] = {}
     try:
         with _timed(times, "setup"):
             stages = build_stages(cfg, store)
@@ -138,23 +167,20 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         summary.update({"reference/reward_mean": float(reward.mean()),
                         "reference/safety_mean": safety.mean(axis=(0, 1)).tolist(),
                         "dual/prompts": int(reward.shape[0]), "dual/samples_per_prompt": int(reward.shape[1])})
-        with _timed(times, "dual"):
-            choose = get_algorithm(cfg.algorithm.name)
-            choice = choose(reward, safety, margins, cfg.algorithm, ref_logprob=ref_logprob, seed=cfg.seed)
-        summary.update(_dual_summary(choice, cfg))
+        ctx = AlignmentContext(cfg, stages, responses, ref_logprob, reward, safety, tracker, gen_pairs,
+                               progress=progress, times=times)
+        outcome = algorithm(ctx)
+        compute_spent = stages.compute.summary()  # before evaluation, which every algorithm shares
+        summary.update(_dual_summary(outcome.choice))
+        summary.update(_predictions(outcome, ctx))
+        summary["dual/lambda"] = None if outcome.lam is None else outcome.lam.tolist()
+        summary.update(outcome.info)
         tracker.log({k: v for k, v in summary.items() if k.startswith(("dual/", "predicted/"))
-                     and not isinstance(v, (list, str))}, step=0)
-        _dual_curve(reward, safety, choice, cfg, ref_logprob, tracker)
-        with _timed(times, "train"):
-            composite = reward + safety @ choice.lam  # r_λ = r + λᵀg on every sampled response
-            if cfg.algorithm.pair_source == "dataset":
-                pairs = stages.dataset_pairs(choice.lam, gen_pairs)
-            else:
-                pairs = make_pairs(responses, composite, ref_logprob, cfg, gen_pairs)
-            policy, train_info = stages.train(pairs, choice.lam, tracker, progress=progress)
-        summary.update({**train_info, "train/pairs": int(pairs["label"].shape[0])})
+                     and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=tracker.last_step)
+        if outcome.dual_scores is not None and outcome.choice is not None:
+            _dual_curve(*outcome.dual_scores, outcome.choice.lam, cfg, ref_logprob, tracker)
         with _timed(times, "evaluate"):
-            evaluation = stages.evaluate(policy, choice.lam, eval_rng, tracker)
+            evaluation = stages.evaluate(outcome.policy, outcome.lam, eval_rng, tracker)
         safety_draws = evaluation.pop("eval/safety_draws")
         achieved = np.asarray(evaluation["eval/safety_gain"])
         summary.update(evaluation)
@@ -174,19 +200,24 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         raise
     finally:
         summary.update(times)
+        if stages is not None:
+            summary.update(compute_spent or stages.compute.summary())
+            summary["compute/wall_seconds"] = sum(v for k, v in times.items() if k != "time/evaluate")
         summary["cache/events"] = [f"{'hit' if e.hit else 'miss'} {e.stage} {e.key[:12]}" for e in store.events]
         summary.update({"git/commit": info["git"]["commit"], "git/dirty": info["git"]["dirty"],
                         "packages": info["packages"], "run_dir": str(run_dir)})
-        tracker.log({k: v for k, v in summary.items() if k.startswith(("eval/", "time/"))
-                     and not isinstance(v, (list, str, bool))}, step=None)
+        tracker.log({k: v for k, v in summary.items() if k.startswith(("eval/", "time/", "compute/"))
+                     and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=None)
         tracker.finish(summary)
     return summary
 
 
 def format_report(summary: dict[str, Any]) -> str:
-    """The lines a user reads at the end of a run: λ*, predicted and achieved gains with intervals."""
+    """The lines a user reads at the end of a run: λ, predicted and achieved gains with intervals, compute."""
 
     def vec(values: Any) -> str:
+        if values is None:
+            return "-"
         return "[" + ", ".join(f"{v:.4f}" for v in np.atleast_1d(np.asarray(values, dtype=float))) + "]"
 
     def ci(bounds: Any) -> str:
@@ -196,18 +227,29 @@ def format_report(summary: dict[str, Any]) -> str:
         level = summary.get("eval/level", 0.95)
         return f"  {level:.0%} CI " + ", ".join(f"[{a:.4f}, {b:.4f}]" for a, b in zip(lo, hi))
 
+    if summary.get("eval/tv_to_target") is not None:
+        closing = f"TV(trained, closed-form π_λ) = {summary['eval/tv_to_target']:.4f}"
+    elif "eval/win_rate_helpfulness" in summary:
+        closing = (f"win rate vs π_ref: helpfulness {summary['eval/win_rate_helpfulness']:.3f}"
+                   f"{ci(summary.get('eval/win_rate_helpfulness_ci'))}, safety {summary['eval/win_rate_safety']:.3f}"
+                   f"{ci(summary.get('eval/win_rate_safety_ci'))}")
+    else:
+        closing = ""
+    compute = summary.get("compute/training_runs")
     return "\n".join([
-        f"algorithm {summary['algorithm']}  margin {vec(summary['margin'])}  beta {summary['beta']}",
-        f"lambda*                {vec(summary['dual/lambda'])}{ci(summary.get('dual/lambda_ci'))}",
+        f"algorithm {summary.get('algorithm/label', summary['algorithm'])}  margin {vec(summary['margin'])}  "
+        f"beta {summary['beta']}",
+        f"{'lambda*' if summary['algorithm'] in ('mocan', 'pecan') else 'lambda':23}{vec(summary['dual/lambda'])}{ci(summary.get('dual/lambda_ci'))}",
         f"safety gain  predicted {vec(summary['predicted/safety_gain'])}{ci(summary.get('predicted/safety_gain_ci'))}",
         f"             achieved  {vec(summary['eval/safety_gain'])}{ci(summary.get('eval/safety_gain_ci'))}",
         f"reward gain  predicted {vec(summary['predicted/reward_gain'])}{ci(summary.get('predicted/reward_gain_ci'))}",
         f"             achieved  {vec(summary['eval/reward_gain'])}{ci(summary.get('eval/reward_gain_ci'))}",
         f"KL           predicted {vec(summary['predicted/kl'])}  achieved {vec(summary['eval/kl'])}",
         f"constraint met (tolerance {summary.get('eval/tolerance', 0):g}): {summary['eval/constraint_met']}   "
-        + (f"TV(trained, closed-form π_λ*) = {summary['eval/tv_to_target']:.4f}" if "eval/tv_to_target" in summary
-           else f"win rate vs π_ref: helpfulness {summary['eval/win_rate_helpfulness']:.3f}"
-                f"{ci(summary.get('eval/win_rate_helpfulness_ci'))}, safety {summary['eval/win_rate_safety']:.3f}"
-                f"{ci(summary.get('eval/win_rate_safety_ci'))}"),
+        + closing,
+        (f"compute: {compute} training runs, {summary['compute/generated_tokens']:,} generated tokens, "
+         f"{summary['compute/forward_tokens']:,} forward / {summary['compute/backward_tokens']:,} backward tokens, "
+         f"{summary['compute/scorer_calls']:,} scorer calls, {summary['compute/wall_seconds']:.1f} s"
+         if compute is not None else "compute: -"),
         "cache: " + (", ".join(summary.get("cache/events", [])) or "no cached stages"),
     ])

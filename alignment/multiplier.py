@@ -25,9 +25,12 @@ from alignment.config import MultiplierConfig
 class LagrangeMultiplier:
     """λ >= 0 for m constraints, updated from observed constraint slacks."""
 
-    def __init__(self, cfg: MultiplierConfig, m: int = 1):
+    def __init__(self, cfg: MultiplierConfig, m: int = 1, *, init: np.ndarray | None = None):
+        """``init`` overrides ``cfg.init`` (e.g. a warm start at the dual's λ*), clipped into [0, max]."""
         self.cfg = cfg
-        self.value = np.full(m, float(cfg.init))
+        start = np.full(m, float(cfg.init)) if init is None else np.asarray(init, dtype=float).reshape(m)
+        floor = math.exp(-30) if cfg.log_space else 0.0  # log-space updates cannot leave λ = 0
+        self.value = np.clip(start, floor, cfg.max)
         self._recent: deque[np.ndarray] = deque(maxlen=cfg.window)
         self.observations = 0
 

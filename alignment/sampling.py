@@ -23,7 +23,7 @@ class GenerationSpec:
 
 @torch.no_grad()
 def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec, *, seed: int,
-                     desc: str = "sampling") -> list[list[str]]:
+                     desc: str = "sampling", progress: bool = True) -> list[list[str]]:
     """K = spec.num_samples responses for every prompt, [N][K] strings (new tokens only, special tokens
     stripped). Left padding so every row's generation starts at the same position.
 
@@ -37,7 +37,8 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
     tokenizer.padding_side = "left"
     out: list[list[str]] = []
     try:
-        for b, start in enumerate(tqdm(range(0, len(prompts), per_call), desc=desc, disable=None, leave=False)):
+        for b, start in enumerate(tqdm(range(0, len(prompts), per_call), desc=desc,
+                                        disable=None if progress else True, leave=False)):
             chunk = prompts[start:start + per_call]
             texts = [format_prompt(tokenizer, p) for p in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True,

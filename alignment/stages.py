@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignment.compute import ComputeMeter
 from alignment.config import Config, HFModelConfig, ToyModelConfig
 from alignment.dual import tilted_weights
 from alignment.losses import preference_labels
@@ -37,9 +40,10 @@ def percentile_interval(values: np.ndarray, level: float) -> list:
     return [np.asarray(lo).tolist(), np.asarray(hi).tolist()]
 
 
-def make_pairs(responses: np.ndarray, composite: np.ndarray, ref_logprob: np.ndarray | None, cfg: Config,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Pairs (y0, y1) of π_ref responses of the same prompt, labelled by σ(r_λ(y1) - r_λ(y0)).
+def make_pairs(responses: np.ndarray, scores: np.ndarray, ref_logprob: np.ndarray | None, *, pairs_per_prompt: int,
+               labels: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Pairs (y0, y1) of π_ref responses of the same prompt, labelled by σ(s(y1) - s(y0)) for a score s [N, K]
+    (MoCAN: s = r_λ = r + λᵀg; synthetic preference data: s = the gold reward or one safety score).
 
     iid samples: ``pairs_per_prompt`` pairs of sample positions drawn uniformly, i.e. y0, y1 ~ π_ref.
     Exact lists (ref_logprob given): all pairs of distinct candidates. Soft labels are realisable by π_λ, so
@@ -47,7 +51,7 @@ def make_pairs(responses: np.ndarray, composite: np.ndarray, ref_logprob: np.nda
     """
     n, k = responses.shape
     if ref_logprob is None:
-        per = cfg.algorithm.pairs_per_prompt
+        per = pairs_per_prompt
         pos_1 = torch.randint(0, k, (n * per,), generator=generator)
         pos_0 = torch.randint(0, k, (n * per,), generator=generator)
     else:
@@ -56,10 +60,18 @@ def make_pairs(responses: np.ndarray, composite: np.ndarray, ref_logprob: np.nda
         pos_1, pos_0 = i.repeat(n), j.repeat(n)
     prompts = torch.arange(n).repeat_interleave(per)
     resp = torch.as_tensor(responses)
-    comp = torch.as_tensor(composite, dtype=torch.float64)
-    labels = preference_labels(comp[prompts, pos_1], comp[prompts, pos_0], mode=cfg.algorithm.labels,
-                               generator=generator)
-    return {"prompt": prompts, "y1": resp[prompts, pos_1], "y0": resp[prompts, pos_0], "label": labels}
+    comp = torch.as_tensor(scores, dtype=torch.float64)
+    label = preference_labels(comp[prompts, pos_1], comp[prompts, pos_0], mode=labels, generator=generator)
+    return {"prompt": prompts, "y1": resp[prompts, pos_1], "y0": resp[prompts, pos_0], "label": label}
+
+
+def reference_means(scores: np.ndarray, ref_logprob: np.ndarray | None) -> np.ndarray:
+    """E_ref of per-response scores for each prompt: [N, K, ...] -> [N, ...] (sample mean, or exact weights)."""
+    if ref_logprob is None:
+        return scores.mean(axis=1)
+    w = np.exp(ref_logprob - ref_logprob.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    return np.einsum("nk,nk...->n...", w, scores)
 
 
 def _paired_gain(policy_scores: np.ndarray, ref_scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -73,11 +85,17 @@ def _paired_gain(policy_scores: np.ndarray, ref_scores: np.ndarray, idx: np.ndar
 
 
 class TabularStages:
+    """The tabular world's stages. A policy is a ``TabularPolicy`` (``None`` = π_ref); the dual's prompts are
+    all N prompts and evaluation is exact on them. Responses are candidate ids; one response is one token."""
+
+    has_preference_data = False
+
     def __init__(self, cfg: Config, store: ArtifactStore | None = None):
         d = cfg.dataset
         self.cfg = cfg
         self.world = make_world(d.n_prompts, d.n_candidates, d.n_constraints, d.conflict, d.ref_helpful_bias,
                                 d.seed)
+        self.compute = ComputeMeter()
 
     def sample_reference(self, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray | None]:
         """K iid samples per prompt [N, K] (uniform dual weights), or every candidate with log π_ref."""
@@ -85,11 +103,15 @@ class TabularStages:
         if self.cfg.sampling.exact:
             ref_logprob = torch.log_softmax(torch.as_tensor(self.world.ref_logits), dim=-1).numpy()
             return np.tile(np.arange(k_all), (n, 1)), ref_logprob
-        policy = TabularPolicy(self.world.ref_logits)
-        return policy.sample(torch.arange(n), self.cfg.sampling.num_samples, generator).numpy(), None
+        k = self.cfg.sampling.num_samples
+        self.compute.add(generated_tokens=n * k, policy_samples=n * k)
+        return TabularPolicy(self.world.ref_logits).sample(torch.arange(n), k, generator).numpy(), None
 
-    def score(self, responses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.arange(responses.shape[0])[:, None]
+    def score(self, responses: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Reward [B, K] and safety [B, K, m] of candidate ids [B, K] of prompts ``rows`` (default: all)."""
+        responses = np.asarray(responses)
+        rows = (np.arange(responses.shape[0]) if rows is None else np.asarray(rows))[:, None]
+        self.compute.add(scorer_calls=responses.size)
         reward = self.world.reward[rows, responses] * self.cfg.scorer.reward.direction
         directions = np.array([s.direction for s in self.cfg.scorer.safety], dtype=float)
         return reward, self.world.safety[rows, responses] * directions
@@ -97,33 +119,97 @@ class TabularStages:
     def dataset_pairs(self, lam: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise ValueError("algorithm.pair_source=dataset: the tabular world has no preference dataset")
 
-    def policy(self, pairs: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
+    def _logratios(self) -> Any:
         def logratios(policy: TabularPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             x = batch["prompt"]
             rho_1 = policy.log_prob(x, batch["y1"]) - policy.ref_log_prob(x, batch["y1"])
             rho_0 = policy.log_prob(x, batch["y0"]) - policy.ref_log_prob(x, batch["y0"])
+            n = 2 * len(x)
+            self.compute.add(forward_tokens=n, backward_tokens=n if torch.is_grad_enabled() else 0)
             return rho_1, rho_0
 
-        return TabularPolicy(self.world.ref_logits), logratios
+        return logratios
 
-    def train(self, pairs: dict[str, torch.Tensor], lam: np.ndarray, tracker: Any, *, progress: bool
-              ) -> tuple[nn.Module, dict[str, Any]]:
-        policy, logratios = self.policy(pairs)
-        result = train_pairs(policy, pairs, logratios, beta=self.cfg.algorithm.beta, cfg=self.cfg.trainer,
-                             seed=self.cfg.seed, log=tracker.log, progress=progress)
-        return policy, {"train/final_loss": result.final_loss, "train/steps": result.steps, "train/cached": False}
+    def trained(self, spec: dict[str, Any], run: Any) -> tuple[TabularPolicy, dict[str, Any]]:
+        """A policy trained from π_ref by ``run(policy, work_dir) -> info``; tables train in seconds, so uncached."""
+        policy = TabularPolicy(self.world.ref_logits)
+        info = run(policy, None)
+        info.pop("history", None)
+        return policy, {**info, "train/cached": False}
 
-    def evaluate(self, policy: TabularPolicy, lam: np.ndarray, rng: np.random.Generator,
+    def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool
+              ) -> tuple[TabularPolicy, dict[str, Any]]:
+        """The one stage-2 loop on labelled pairs, from π_ref, with coefficient ``beta``."""
+        def run(policy: TabularPolicy, work: Path | None) -> dict[str, Any]:
+            result = train_pairs(policy, pairs, self._logratios(), beta=beta, cfg=self.cfg.trainer,
+                                 seed=self.cfg.seed, log=log, progress=progress)
+            self.compute.add(training_runs=1)
+            return {"train/final_loss": result.final_loss, "train/steps": result.steps}
+
+        return self.trained({}, run)
+
+    @torch.no_grad()
+    def logratio(self, policy: TabularPolicy, responses: np.ndarray) -> np.ndarray:
+        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β)."""
+        x = torch.arange(responses.shape[0])
+        y = torch.as_tensor(responses)
+        self.compute.add(forward_tokens=responses.size)
+        return (policy.log_prob(x, y) - policy.ref_log_prob(x, y)).numpy()
+
+    @torch.no_grad()
+    def policy_scores(self, policy: TabularPolicy, num_samples: int, generator: torch.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-prompt mean reward [N] and safety [N, m] of a policy on the dual's prompts: exact under
+        ``sampling.exact`` (every candidate weighted by π), else from ``num_samples`` samples per prompt."""
+        n, k_all, _ = self.world.shape
+        if self.cfg.sampling.exact:
+            probs = policy.probs().numpy()
+            reward, safety = self.score(np.tile(np.arange(k_all), (n, 1)))
+            self.compute.add(forward_tokens=n * k_all)
+            return (probs * reward).sum(axis=1), np.einsum("nk,nkm->nm", probs, safety)
+        responses = policy.sample(torch.arange(n), num_samples, generator).numpy()
+        self.compute.add(generated_tokens=responses.size, policy_samples=responses.size)
+        reward, safety = self.score(responses)
+        return reward.mean(axis=1), safety.mean(axis=1)
+
+    # -- online rollouts (safe_rlhf) ---------------------------------------------------------------------
+
+    def online_policy(self, spec: dict[str, Any], run: Any) -> tuple[TabularPolicy, dict[str, Any]]:
+        return self.trained(spec, run)
+
+    @torch.no_grad()
+    def rollout(self, policy: TabularPolicy, rows: np.ndarray, k: int, generator: torch.Generator) -> torch.Tensor:
+        self.compute.add(generated_tokens=len(rows) * k, policy_samples=len(rows) * k)
+        return policy.sample(torch.as_tensor(rows), k, generator)
+
+    def rollout_logprob(self, policy: TabularPolicy, rows: np.ndarray, responses: torch.Tensor) -> torch.Tensor:
+        n = responses.numel()
+        self.compute.add(forward_tokens=n, backward_tokens=n if torch.is_grad_enabled() else 0)
+        return policy.log_prob(torch.as_tensor(rows), responses)
+
+    @torch.no_grad()
+    def rollout_ref_logprob(self, policy: TabularPolicy, rows: np.ndarray, responses: torch.Tensor) -> torch.Tensor:
+        return policy.ref_log_prob(torch.as_tensor(rows), responses)
+
+    def rollout_scores(self, rows: np.ndarray, responses: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self.score(responses.numpy(), rows)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+
+    def evaluate(self, policy: TabularPolicy | None, lam: np.ndarray | None, rng: np.random.Generator,
                  tracker: Any) -> dict[str, Any]:
         """Exact gains and KL of the trained table, bootstrap CIs over prompts, and its distance to π_λ."""
         cfg, world = self.cfg, self.world
-        probs = policy.probs().detach().numpy()
         q = world.ref_probs()
+        probs = q if policy is None else policy.probs().detach().numpy()
         exact = evaluate_exact(world, probs)
         idx = rng.integers(0, probs.shape[0], size=(cfg.eval.bootstrap, probs.shape[0]))
         safety_draws = np.einsum("nk,nkm->nm", probs - q, world.safety)[idx].mean(axis=1)
         reward_draws = ((probs - q) * world.reward).sum(axis=1)[idx].mean(axis=1)
-        target = tilted_weights(world.reward, world.safety, cfg.algorithm.beta, lam, ref_logprob=world.ref_logits)
+        tv = None
+        if lam is not None:
+            target = tilted_weights(world.reward, world.safety, cfg.algorithm.beta, lam, ref_logprob=world.ref_logits)
+            tv = float(0.5 * np.abs(probs - target).sum(axis=1).mean())
         return {
             "eval/reward_gain": exact.reward_gain,
             "eval/reward_gain_ci": percentile_interval(reward_draws, cfg.eval.level),
@@ -131,14 +217,22 @@ class TabularStages:
             "eval/safety_gain_ci": percentile_interval(safety_draws, cfg.eval.level),
             "eval/kl": exact.kl,
             "eval/safety_draws": safety_draws,
-            # Distance to the closed-form π_λ on the full candidate lists: how well stage 2 reached its target.
-            "eval/tv_to_target": float(0.5 * np.abs(probs - target).sum(axis=1).mean()),
+            # Distance to the closed-form π_λ on the full candidate lists: how well training reached its target.
+            "eval/tv_to_target": tv,
             "eval/exact": True,
         }
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Language-model worlds
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """A trained language-model policy: a LoRA adapter in the artifact store (``None`` stands for π_ref)."""
+
+    key: str
+    path: Path
 
 
 def _digest(obj: Any) -> str:
@@ -162,7 +256,10 @@ class LanguageStages:
         self.reward_scorer = build_scorer(cfg.scorer.reward)
         self.safety_scorers = [build_scorer(s) for s in cfg.scorer.safety]
         self._policy = None
+        self._initial_adapter: dict[str, torch.Tensor] | None = None
+        self._active: str | None = None  # key of the adapter whose weights the model holds
         self.texts: list[str] = []  # flat table of generated responses; response ids index into it
+        self.compute = ComputeMeter()
 
     # -- inputs ------------------------------------------------------------------------------------------
 
@@ -230,8 +327,54 @@ class LanguageStages:
         if self._policy is None:
             from alignment.policies import load_policy
 
+            if self.model_cfg.lora is None:
+                raise ValueError("model.lora: language-model training needs a LoRA adapter (π_ref is the same "
+                                 "weights with the adapter switched off); set model.lora.r, e.g. model.lora.r=8")
+            from peft import get_peft_model_state_dict
+
             self._policy = load_policy(self.model_cfg)
+            # Every training starts from this adapter (B = 0, so the policy starts exactly at π_ref).
+            self._initial_adapter = {k: v.detach().clone()
+                                     for k, v in get_peft_model_state_dict(self._policy.model).items()}
+            self._active = "initial"
         return self._policy
+
+    def _set_adapter(self, key: str, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.policy_handle.model, state)
+        self._active = key
+
+    def _activate(self, policy: TrainedAdapter) -> None:
+        """Load a trained adapter's weights into the one model (a no-op when it already holds them)."""
+        if self._active != policy.key:
+            from safetensors.torch import load_file
+
+            self._set_adapter(policy.key, load_file(str(policy.path / "adapter_model.safetensors")))
+
+    @contextmanager
+    def _acting_as(self, policy: TrainedAdapter | None) -> Iterator[None]:
+        """The model acts as ``policy``; ``None`` is π_ref (adapter switched off)."""
+        if policy is None:
+            with self.policy_handle.reference():
+                yield
+        else:
+            self._activate(policy)
+            yield
+
+    def _token_count(self, prompts: list[str], responses: list[str]) -> int:
+        """Prompt + response (+ EOS) tokens of each pair, summed: what a forward pass over them costs."""
+        from alignment.policies import _token_ids, format_prompt
+
+        tok = self.policy_handle.tokenizer
+        prompt_len = {p: len(_token_ids(tok, format_prompt(tok, p))) for p in set(prompts)}
+        return sum(prompt_len[p] + len(_token_ids(tok, r)) + 1 for p, r in zip(prompts, responses))
+
+    def _response_tokens(self, responses: list[list[str]]) -> int:
+        from alignment.policies import _token_ids
+
+        tok, cap = self.policy_handle.tokenizer, self.cfg.sampling.max_new_tokens
+        return sum(min(len(_token_ids(tok, r)) + 1, cap) for row in responses for r in row)
 
     # -- stages ------------------------------------------------------------------------------------------
 
@@ -251,7 +394,9 @@ class LanguageStages:
             atomic_write_json(out / "samples.json", {"prompts": prompts, "responses": responses})
 
         result = self.store.get_or_compute(stage, spec, compute=compute, version=self.SAMPLES_VERSION)
-        return json.loads((result.path / "samples.json").read_text())["responses"]
+        responses = json.loads((result.path / "samples.json").read_text())["responses"]
+        self.compute.add(generated_tokens=self._response_tokens(responses), policy_samples=len(prompts) * num_samples)
+        return responses
 
     def _register(self, responses: list[list[str]]) -> np.ndarray:
         """Append texts to the flat table; return their ids, [N, K]."""
@@ -284,11 +429,13 @@ class LanguageStages:
             np.savez(out / "scores.npz", reward=reward, safety=safety)
 
         result = self.store.get_or_compute("scores", spec, compute=compute, version=self.SCORES_VERSION)
+        self.compute.add(scorer_calls=len(flat_r))
         data = np.load(result.path / "scores.npz")
         n, k = len(responses), len(responses[0])
         return data["reward"].reshape(n, k), data["safety"].reshape(n, k, -1)
 
     def score(self, responses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reward [N, K] and safety [N, K, m] of response ids [N, K] of the dual's prompts (cached)."""
         texts = [[self.texts[i] for i in row] for row in responses]
         return self._score_texts(self.sample_prompts, texts)
 
@@ -306,6 +453,24 @@ class LanguageStages:
             np.save(out / "logprob.npy", lp.numpy())
 
         result = self.store.get_or_compute("ref_logprob", spec, compute=compute, version=self.LOGPROB_VERSION)
+        self.compute.add(forward_tokens=self._token_count(prompts, responses))
+        return torch.as_tensor(np.load(result.path / "logprob.npy"))
+
+    def _policy_logprob(self, policy: TrainedAdapter, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        from alignment.policies import sequence_logprob
+
+        spec = {"model": self.model_id, "adapter": policy.key, "texts": _digest([prompts, responses]),
+                "max_length": self.model_cfg.max_length}
+
+        def compute(out: Path) -> None:
+            handle = self.policy_handle
+            with self._acting_as(policy):
+                lp = sequence_logprob(handle.model, handle.tokenizer, prompts, responses,
+                                      max_length=self.model_cfg.max_length)
+            np.save(out / "logprob.npy", lp.numpy())
+
+        result = self.store.get_or_compute("policy_logprob", spec, compute=compute, version=self.LOGPROB_VERSION)
+        self.compute.add(forward_tokens=self._token_count(prompts, responses))
         return torch.as_tensor(np.load(result.path / "logprob.npy"))
 
     def dataset_pairs(self, lam: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -324,8 +489,22 @@ class LanguageStages:
         prompts = torch.tensor([index[r.prompt] for r in records])
         return {"prompt": prompts, "y1": ids[:, 1], "y0": ids[:, 0], "label": labels}
 
-    def policy(self, pairs: dict[str, torch.Tensor]) -> tuple[nn.Module, Any]:
-        """The LoRA policy and its log-ratio function; π_ref log-probabilities of every response in ``pairs``
+    def dataset_preferences(self, objective: str) -> dict[str, torch.Tensor]:
+        """The dataset's own preference pairs of the dual's prompts with hard labels: y1 is the better
+        (``helpful``) or the safer (``safe``) response (PKU-SafeRLHF's better/safer ids)."""
+        index = {p: i for i, p in enumerate(self.sample_prompts)}
+        records = [r for r in self.records if r.prompt in index]
+        chosen = [r.better_response_id if objective == "helpful" else r.safer_response_id for r in records]
+        ids = torch.as_tensor(self._register([[r.response(1 - c), r.response(c)] for r, c in zip(records, chosen)]))
+        return {"prompt": torch.tensor([index[r.prompt] for r in records]), "y1": ids[:, 1], "y0": ids[:, 0],
+                "label": torch.ones(len(records), dtype=torch.float64)}
+
+    @property
+    def has_preference_data(self) -> bool:
+        return hasattr(self, "records")
+
+    def _logratios(self, pairs: dict[str, torch.Tensor]) -> Any:
+        """The log-ratio function for the training loop; π_ref log-probabilities of every response in ``pairs``
         come from the cache (computed once, adapter disabled)."""
         from alignment.policies import encode_pairs, token_logprob_sum
 
@@ -345,53 +524,124 @@ class LanguageStages:
             ids = torch.cat([batch["y1"], batch["y0"]])
             enc = encode_pairs(tokenizer, prompts + prompts, [self.texts[int(i)] for i in ids],
                                max_length=max_length)
+            tokens = int(enc["attention_mask"].sum())
+            self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
             logp = token_logprob_sum(model, enc)  # one forward for both members of every pair
             rho = logp.double() - ref[ids].to(logp.device)
             b = len(prompts)
             return rho[:b], rho[b:]
 
-        return handle.model, logratios
+        return logratios
 
-    ADAPTER_VERSION = "1"
+    ADAPTER_VERSION = "2"  # 2: one adapter stage for every training (stage 2, pre-alignment, online)
 
-    def train(self, pairs: dict[str, torch.Tensor], lam: np.ndarray, tracker: Any, *, progress: bool
-              ) -> tuple[nn.Module, dict[str, Any]]:
-        """Stage 2 with LoRA, cached: the adapter is keyed by the samples, their scores, λ, the pair and
-        label settings, the trainer config and the seed, so reruns and sweeps reuse it."""
+    def trained(self, spec: dict[str, Any], run: Any) -> tuple[TrainedAdapter, dict[str, Any]]:
+        """A LoRA adapter trained from π_ref by ``run(model, work_dir) -> info``, cached by ``spec`` (plus the
+        model, LoRA settings and seed). The adapter carries the compute its training spent, so a cache hit
+        reports the same ``compute/*`` as the run that made it."""
         cfg = self.cfg
-        used = sorted(set(pairs["y1"].tolist()) | set(pairs["y0"].tolist()))
-        texts = [self.texts[i] for i in used]
-        flat_prompts = self.sample_prompts
-        spec = {"model": self.model_id, "texts": _digest([flat_prompts, texts]),
-                "pairs": _digest([pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist(),
-                                  [round(float(v), 12) for v in pairs["label"]]]),
-                "lam": [float(v) for v in lam], "beta": cfg.algorithm.beta, "trainer": asdict(cfg.trainer),
-                "lora": asdict(self.model_cfg.lora) if self.model_cfg.lora else None, "seed": cfg.seed}
-        model, logratios = self.policy(pairs)
-        info: dict[str, Any] = {}
+        full = {"model": self.model_id, "lora": asdict(self.model_cfg.lora), "seed": cfg.seed, **spec}
+        key = self.store.key("adapter", full, version=self.ADAPTER_VERSION)
 
         def compute(out: Path) -> None:
-            work = self.store.root / "checkpoints" / self.store.key("adapter", spec, version=self.ADAPTER_VERSION)
-            result = train_pairs(model, pairs, logratios, beta=cfg.algorithm.beta, cfg=cfg.trainer, seed=cfg.seed,
-                                 log=tracker.log, progress=progress,
-                                 checkpoint_dir=work if cfg.trainer.checkpoint_every else None)
+            model = self.policy_handle.model
+            self._set_adapter("initial", self._initial_adapter)
+            before = self.compute.snapshot()
+            info = run(model, self.store.root / "checkpoints" / key)
             model.save_pretrained(str(out))
-            info.update({"train/final_loss": result.final_loss, "train/steps": result.steps})
-            atomic_write_json(out / "train.json", {**info, "history": result.history})
+            self._active = key
+            atomic_write_json(out / "train.json", {**info, "compute": self.compute.since(before)})
 
-        result = self.store.get_or_compute("adapter", spec, compute=compute, version=self.ADAPTER_VERSION)
-        self.adapter_key = result.key
+        result = self.store.get_or_compute("adapter", full, compute=compute, version=self.ADAPTER_VERSION)
+        saved = json.loads((result.path / "train.json").read_text())
+        adapter = TrainedAdapter(result.key, result.path)
         if result.hit:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+            self.compute.add(**saved["compute"])
+            self._activate(adapter)
+        self.policy_handle.model.eval()
+        info = {k: v for k, v in saved.items() if k not in ("history", "compute")}
+        return adapter, {**info, "train/cached": result.hit, "train/adapter": str(result.path)}
 
-            set_peft_model_state_dict(model, load_file(str(result.path / "adapter_model.safetensors")))
-            saved = json.loads((result.path / "train.json").read_text())
-            info = {k: v for k, v in saved.items() if k != "history"}
-        model.eval()
-        return model, {**info, "train/cached": result.hit, "train/adapter": str(result.path)}
+    def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool
+              ) -> tuple[TrainedAdapter, dict[str, Any]]:
+        """The one stage-2 loop with LoRA on labelled pairs, from π_ref, with coefficient ``beta``; the adapter is
+        keyed by the texts, the pairs and labels, β, the trainer config and the seed, so reruns and sweeps
+        reuse it."""
+        cfg = self.cfg
+        used = sorted(set(pairs["y1"].tolist()) | set(pairs["y0"].tolist()))
+        spec = {"texts": _digest([self.sample_prompts, [self.texts[i] for i in used]]),
+                "pairs": _digest([pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist(),
+                                  [round(float(v), 12) for v in pairs["label"]]]),
+                "beta": beta, "trainer": asdict(cfg.trainer)}
 
-    def evaluate(self, model: nn.Module, lam: np.ndarray, rng: np.random.Generator,
+        def run(model: nn.Module, work: Path) -> dict[str, Any]:
+            result = train_pairs(model, pairs, self._logratios(pairs), beta=beta, cfg=cfg.trainer, seed=cfg.seed,
+                                 log=log, progress=progress,
+                                 checkpoint_dir=work if cfg.trainer.checkpoint_every else None)
+            self.compute.add(training_runs=1)
+            return {"train/final_loss": result.final_loss, "train/steps": result.steps, "history": result.history}
+
+        return self.trained(spec, run)
+
+    def logratio(self, policy: TrainedAdapter, responses: np.ndarray) -> np.ndarray:
+        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β)."""
+        flat_p = [p for p, row in zip(self.sample_prompts, responses) for _ in row]
+        flat_y = [self.texts[i] for row in responses for i in row]
+        rho = self._policy_logprob(policy, flat_p, flat_y) - self._ref_logprob(flat_p, flat_y)
+        return rho.numpy().reshape(responses.shape)
+
+    def policy_scores(self, policy: TrainedAdapter, num_samples: int, generator: torch.Generator
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-prompt mean reward [N] and safety [N, m] of ``num_samples`` fresh samples of a trained policy on
+        the dual's prompts (primal-dual's constraint estimate; cached by the adapter)."""
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        with self._acting_as(policy):
+            responses = self._generate("policy_samples", self.sample_prompts, num_samples, seed,
+                                       adapter=policy.key, spec_extra={})
+        reward, safety = self._score_texts(self.sample_prompts, responses)
+        return reward.mean(axis=1), safety.mean(axis=1)
+
+    # -- online rollouts (safe_rlhf) ---------------------------------------------------------------------
+
+    def online_policy(self, spec: dict[str, Any], run: Any) -> tuple[TrainedAdapter, dict[str, Any]]:
+        return self.trained({"online": spec, "prompts": _digest(self.sample_prompts)}, run)
+
+    def rollout(self, model: nn.Module, rows: np.ndarray, k: int, generator: torch.Generator) -> list[list[str]]:
+        from alignment.sampling import GenerationSpec, sample_responses
+
+        s = self.cfg.sampling
+        gen = GenerationSpec(num_samples=k, temperature=s.temperature, top_p=s.top_p,
+                             max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        responses = sample_responses(model, self.policy_handle.tokenizer, [self.sample_prompts[i] for i in rows],
+                                     gen, seed=seed, progress=False)
+        self.compute.add(generated_tokens=self._response_tokens(responses), policy_samples=len(rows) * k)
+        return responses
+
+    def rollout_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
+        from alignment.policies import encode_pairs, token_logprob_sum
+
+        flat_p = [self.sample_prompts[i] for i, row in zip(rows, responses) for _ in row]
+        flat_y = [y for row in responses for y in row]
+        enc = encode_pairs(self.policy_handle.tokenizer, flat_p, flat_y, max_length=self.model_cfg.max_length)
+        tokens = int(enc["attention_mask"].sum())
+        self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
+        return token_logprob_sum(model, enc).double().reshape(len(rows), -1)
+
+    @torch.no_grad()
+    def rollout_ref_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
+        with self.policy_handle.reference():
+            return self.rollout_logprob(model, rows, responses)
+
+    def rollout_scores(self, rows: np.ndarray, responses: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        flat_p = [self.sample_prompts[i] for i, row in zip(rows, responses) for _ in row]
+        flat_y = [y for row in responses for y in row]
+        self.compute.add(scorer_calls=len(flat_y))
+        reward = self.reward_scorer(flat_p, flat_y)
+        safety = np.stack([s(flat_p, flat_y) for s in self.safety_scorers], axis=-1)
+        return reward.reshape(len(rows), -1), safety.reshape(len(rows), len(responses[0]), -1)
+
+    def evaluate(self, policy: TrainedAdapter | None, lam: np.ndarray | None, rng: np.random.Generator,
                  tracker: Any) -> dict[str, Any]:
         """Held-out prompts: samples of the trained policy and of π_ref, scored; gains, KL estimate and win
         rates with bootstrap CIs over prompts, and a table of generations."""
@@ -403,12 +653,16 @@ class LanguageStages:
         seed = int(rng.integers(0, 2**31 - 1))
         with handle.reference():
             ref = self._generate("eval_samples", prompts, m, seed, adapter=None, spec_extra={})
-        policy = self._generate("eval_samples", prompts, m, seed, adapter=self.adapter_key, spec_extra={})
+        with self._acting_as(policy):
+            generated = self._generate("eval_samples", prompts, m, seed, adapter=policy and policy.key,
+                                       spec_extra={})
         ref_r, ref_g = self._score_texts(prompts, ref)
-        pol_r, pol_g = self._score_texts(prompts, policy)
+        pol_r, pol_g = self._score_texts(prompts, generated)
         flat_p = [p for p in prompts for _ in range(m)]
-        flat_y = [y for row in policy for y in row]
-        logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=self.model_cfg.max_length)
+        flat_y = [y for row in generated for y in row]
+        with self._acting_as(policy):
+            logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y,
+                                    max_length=self.model_cfg.max_length)
         with handle.reference():
             ref_logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y,
                                         max_length=self.model_cfg.max_length)
@@ -423,7 +677,7 @@ class LanguageStages:
 
         win_h = win_rate(pol_r, ref_r)
         win_s = win_rate(pol_g[..., 0], ref_g[..., 0])
-        rows = [[prompts[i], ref[i][0], policy[i][0], float(ref_r[i, 0]), float(pol_r[i, 0]),
+        rows = [[prompts[i], ref[i][0], generated[i][0], float(ref_r[i, 0]), float(pol_r[i, 0]),
                  float(ref_g[i, 0, 0]), float(pol_g[i, 0, 0])] for i in range(min(cfg.eval.table_rows, n))]
         tracker.log_table("eval/generations", ["prompt", "reference", "policy", "reward_ref", "reward_policy",
                                                "safety_ref", "safety_policy"], rows)

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -122,10 +122,25 @@ class MultiTracker:
 
     def __init__(self, trackers: Sequence[Tracker]):
         self.trackers = list(trackers)
+        self.last_step = 0
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if step is not None:
+            self.last_step = max(self.last_step, step)
         for t in self.trackers:
             t.log(metrics, step)
+
+    def phase(self, prefix: str) -> Callable[[dict[str, Any], int], None]:
+        """A logger for one training phase: keys ``train/x`` become ``<prefix>/x`` and the phase's steps continue
+        after the last logged step, because W&B drops rows whose step goes backwards (primal-dual and PeCAN run
+        several trainings in one run)."""
+        base = self.last_step
+
+        def log_phase(row: dict[str, Any], step: int) -> None:
+            renamed = {(f"{prefix}/{k.split('/', 1)[1]}" if k.startswith("train/") else k): v for k, v in row.items()}
+            self.log(renamed, step=base + step)
+
+        return log_phase
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         for t in self.trackers:

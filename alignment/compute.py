@@ -1,0 +1,40 @@
+"""What an algorithm spends, counted in units that mean the same on a laptop and a GPU cluster.
+
+Counts are the work the algorithm needs, whether or not an artifact came from the cache (a cached adapter
+carries the counts of the training that made it), so the same config gives the same numbers. Wall time is
+measured separately, under ``time/*``. Evaluation is shared by every algorithm and is not counted.
+
+Units: a *token* is one position through the policy (prompt and response; the tabular world counts one token
+per response); *forward* tokens include reference log-probabilities; *backward* tokens are those of forward
+passes that were differentiated; a *scorer call* scores one (prompt, response); a *training run* is one
+optimisation of the policy from π_ref.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ComputeMeter:
+    generated_tokens: int = 0  # new tokens sampled from π_ref or a policy
+    policy_samples: int = 0  # responses sampled
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+    scorer_calls: int = 0
+    training_runs: int = 0
+
+    def add(self, **counts: int) -> None:
+        for name, value in counts.items():
+            setattr(self, name, getattr(self, name) + int(value))
+
+    def snapshot(self) -> dict[str, int]:
+        return asdict(self)
+
+    def since(self, snapshot: dict[str, int]) -> dict[str, int]:
+        """The counts spent since ``snapshot`` (to store with a cached artifact)."""
+        return {f.name: getattr(self, f.name) - snapshot[f.name] for f in fields(self)}
+
+    def summary(self, prefix: str = "compute/") -> dict[str, Any]:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
