@@ -78,6 +78,11 @@ COMMON_KEYS = (
 )
 
 
+# Wall-time stages (``time/<stage>``, seconds); a stage an algorithm does not have reads 0. ``probe``: sampling
+# and scoring trained policies inside primal-dual loops.
+TIME_STAGES = ("setup", "sample", "score", "dual", "train", "probe", "evaluate")
+
+
 def _dual_summary(choice: LambdaChoice | None) -> dict[str, Any]:
     """The dual stage's solution and bootstrap intervals (MoCAN, PeCAN, warm primal-dual)."""
     if choice is None or choice.solution is None:
@@ -199,6 +204,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         summary.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
         raise
     finally:
+        summary.update({f"time/{stage}": 0.0 for stage in TIME_STAGES})
         summary.update(times)
         if stages is not None:
             summary.update(compute_spent or stages.compute.summary())
