@@ -277,6 +277,9 @@ class LanguageStages:
         test = [p.text for p in world.select(split="test")]
         if self.cfg.eval.max_prompts is not None:
             test = test[: self.cfg.eval.max_prompts]
+        if not test:
+            raise ValueError(f"dataset: no held-out prompts with n_prompts={d.n_prompts}, test_fraction="
+                             f"{d.test_fraction}; raise dataset.n_prompts or dataset.test_fraction")
         return train, test
 
     def _preference_prompts(self) -> tuple[list[str], list[str]]:

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from test_tabular import tabular_config
 
 from alignment.algorithms import ALGORITHMS
 from alignment.config import MultiplierConfig, PrimalDualConfig, SafeRLHFConfig
@@ -15,7 +16,6 @@ from alignment.experiment import COMMON_KEYS, run_experiment
 from alignment.online import clipped_policy_loss, leave_one_out
 from alignment.stages import TabularStages
 from alignment.tabular import TabularPolicy, make_world
-from test_tabular import tabular_config
 
 BETA, MARGIN, N = 0.5, 0.5, 120
 

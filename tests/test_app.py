@@ -113,3 +113,19 @@ def test_cli_rejects_typo_with_hydra_message(tmp_path):
     out = _run_cli(["safety.margni=0.3"], tmp_path)
     assert out.returncode != 0
     assert "margni" in out.stderr
+
+
+def test_cli_multirun_runs_every_algorithm_with_the_same_keys(tmp_path):
+    from alignment.algorithms import ALGORITHMS
+
+    names = ",".join(ALGORITHMS)
+    out = _run_cli(["-m", *SMALL, f"algorithm={names}", "algorithm.lam=0.9", "safety.margin=0.2", "algorithm.safe_rlhf.steps=5",
+                    "algorithm.primal_dual.iterations=2", "hydra.sweep.dir=sweep"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())
+                 for i in range(len(ALGORITHMS))]
+    assert [s["algorithm"] for s in summaries] == list(ALGORITHMS)
+    assert all(s["status"] == "completed" for s in summaries)
+    assert all(s["compute/training_runs"] is not None and "eval/safety_gain" in s for s in summaries)
+    runs = [read_offline_run(p) for p in find_offline_runs(tmp_path / "sweep")]
+    assert sorted(r.job_type for r in runs) == sorted(s["algorithm/label"] for s in summaries)

@@ -13,23 +13,6 @@ from alignment.sampling import GenerationSpec, sample_responses
 from alignment.scorers import Scorer, build_scorer
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    """A randomly initialised 2-layer Llama with the toy world's word-level tokenizer, saved like any model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from alignment.toy import build_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_lm")
-    tok = build_tokenizer(out_dir=out)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return str(out)
-
-
 def model_cfg(path: str, lora: bool = True) -> HFModelConfig:
     return HFModelConfig(name_or_path=path, lora=LoraSpec(r=4, alpha=8) if lora else None, max_length=64)
 

@@ -1,0 +1,136 @@
+"""Every algorithm through the language-model stages (toy prompts, a tiny random Llama with LoRA, gold text
+scorers): adapters are trained from π_ref each time, swapped in for sampling and log-probabilities, cached with
+the compute they cost, and the online loop trains through generate() and the LoRA weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from alignment.algorithms import ALGORITHMS
+from alignment.config import (
+    AlgorithmConfig,
+    Config,
+    DualConfig,
+    EvalConfig,
+    HFModelConfig,
+    LoraSpec,
+    MultiplierConfig,
+    PrimalDualConfig,
+    SafeRLHFConfig,
+    SafetyConfig,
+    SamplingConfig,
+    ScorerConfig,
+    ScorerSpec,
+    ToyDatasetConfig,
+    TrackerConfig,
+    TrainerConfig,
+)
+from alignment.experiment import run_experiment
+from alignment.stages import LanguageStages, make_pairs
+from alignment.store import ArtifactStore
+
+
+def lm_config(tiny_lm, tmp_path, cache, name="mocan", **algorithm) -> Config:
+    return Config(
+        dataset=ToyDatasetConfig(n_prompts=32, test_fraction=0.25),
+        model=HFModelConfig(name_or_path=tiny_lm, lora=LoraSpec(r=4, alpha=8), max_length=64),
+        scorer=ScorerConfig(kind="text", reward=ScorerSpec(name="toy/helpfulness"),
+                            safety=[ScorerSpec(name="toy/safety")]),
+        safety=SafetyConfig(margin=0.01),  # implicit rewards of a random LM after one epoch are small
+        algorithm=AlgorithmConfig(name=name, beta=1.0, pairs_per_prompt=4, dual=DualConfig(bootstrap=10),
+                                  lam=0.5, **algorithm),
+        sampling=SamplingConfig(num_samples=4, max_new_tokens=8, batch_size=16),
+        trainer=TrainerConfig(lr=1e-3, epochs=1, batch_size=16, log_every=1),
+        eval=EvalConfig(num_samples=2, bootstrap=20),
+        tracker=TrackerConfig(kind="none"),
+        cache_dir=str(cache),
+        run_dir=str(tmp_path),
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_lm, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    extra = {"safe_rlhf": {"safe_rlhf": SafeRLHFConfig(steps=3, prompts_per_step=4, samples_per_prompt=2)},
+             "primal_dual": {"primal_dual": PrimalDualConfig(  # λ_0 > 0 and a tight tolerance: two retrainings
+                 iterations=2, num_samples=2, tolerance=1e-6,
+                 multiplier=MultiplierConfig(init=0.5, lr=1.0, max=100.0, log_space=False))}}
+    out = {}
+    for name in ALGORITHMS:
+        cfg = lm_config(tiny_lm, tmp_path_factory.mktemp(name), cache, name, **extra.get(name, {}))
+        out[name] = run_experiment(cfg, progress=False)
+    # The same configs again: every artifact is a cache hit and every number repeats.
+    for name in ("pecan", "safe_rlhf"):
+        cfg = lm_config(tiny_lm, tmp_path_factory.mktemp(name + "_again"), cache, name, **extra.get(name, {}))
+        out[name + "_again"] = run_experiment(cfg, progress=False)
+    return out
+
+
+def test_every_algorithm_runs_on_a_language_model(runs):
+    for name in ALGORITHMS:
+        s = runs[name]
+        assert s["status"] == "completed", name
+        assert s["compute/scorer_calls"] > 0 and s["compute/generated_tokens"] > 0
+    assert runs["reference"]["eval/safety_gain"] == [0.0] and runs["reference"]["eval/kl"] == 0.0
+    assert runs["reference"]["compute/training_runs"] == 0
+    assert runs["pecan"]["compute/training_runs"] == 3
+    assert runs["primal_dual"]["compute/training_runs"] == 2
+    assert runs["primal_dual"]["time/probe"] > 0
+    assert len(runs["safe_rlhf"]["safe_rlhf/history"]) == 3
+    assert runs["safe_rlhf"]["compute/backward_tokens"] > 0
+
+
+def test_cached_reruns_repeat_numbers_and_compute(runs):
+    for name in ("pecan", "safe_rlhf"):
+        first, again = runs[name], runs[name + "_again"]
+        assert all(e.startswith("hit") for e in again["cache/events"]), again["cache/events"]
+        for key in ("dual/lambda", "eval/safety_gain", "eval/reward_gain", "eval/kl"):
+            assert again[key] == first[key], (name, key)
+        compute = [k for k in first if k.startswith("compute/") and k != "compute/wall_seconds"]
+        assert {k: again[k] for k in compute} == {k: first[k] for k in compute}, name
+
+
+def test_dpo_helpful_is_pecans_helpfulness_pre_alignment(runs):
+    """DPO_H with β = β_h trains on the same pairs as PeCAN's π_h: one cached adapter, not two."""
+    assert runs["pecan"]["pecan/helpful_adapter"] == runs["dpo"]["train/adapter"]
+    assert runs["dpo"]["train/cached"]
+
+
+def test_each_training_starts_from_the_reference(tiny_lm, tmp_path):
+    """Adapters trained one after another in one process equal the same adapter trained alone: the LoRA
+    weights are reset to their initial state (π_ref) before every training."""
+    def stages_with_samples(cache):
+        cfg = lm_config(tiny_lm, tmp_path, cache)
+        torch.manual_seed(0)  # LoRA's random A matrices come from the global RNG at load time
+        stages = LanguageStages(cfg, ArtifactStore(cache))
+        responses, _ = stages.sample_reference(torch.Generator().manual_seed(1))
+        reward, safety = stages.score(responses)
+        return cfg, stages, responses, reward, safety
+
+    def pairs(cfg, responses, scores):
+        return make_pairs(responses, scores, None, pairs_per_prompt=4, labels="soft",
+                          generator=torch.Generator().manual_seed(2))
+
+    def noop(row, step):
+        return None
+
+    cfg, stages, responses, reward, safety = stages_with_samples(tmp_path / "a")
+    stages.train(pairs(cfg, responses, reward), beta=1.0, log=noop, progress=False)
+    second, _ = stages.train(pairs(cfg, responses, safety[..., 0]), beta=1.0, log=noop, progress=False)
+    rho_sequential = stages.logratio(second, responses)
+
+    cfg, alone, responses, reward, safety = stages_with_samples(tmp_path / "b")
+    only, _ = alone.train(pairs(cfg, responses, safety[..., 0]), beta=1.0, log=noop, progress=False)
+    np.testing.assert_allclose(rho_sequential, alone.logratio(only, responses), atol=1e-5)
+    assert np.abs(rho_sequential).max() > 1e-4  # training moved the policy
+
+
+def test_lm_without_lora_is_refused(tiny_lm, tmp_path):
+    cfg = lm_config(tiny_lm, tmp_path, tmp_path / "cache")
+    cfg.model = dataclasses.replace(cfg.model, lora=None)
+    with pytest.raises(ValueError, match="model.lora"):
+        run_experiment(cfg, progress=False)
