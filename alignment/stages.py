@@ -513,13 +513,18 @@ class LanguageStages:
 
         handle = self.policy_handle
         used = torch.unique(torch.cat([pairs["y1"], pairs["y0"]]))
-        prompt_of = {}
-        for x, a, b in zip(pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist()):
-            prompt_of[a] = prompt_of[b] = x
-        ref_values = self._ref_logprob([self.sample_prompts[prompt_of[i]] for i in used.tolist()],
-                                       [self.texts[i] for i in used.tolist()])
         ref = torch.full((len(self.texts),), float("nan"), dtype=torch.float64)
-        ref[used] = ref_values
+        samples = torch.as_tensor(self.sample_ids)
+        if bool(torch.isin(used, samples.flatten()).all()):
+            # Pairs of π_ref samples: one cached pass over all samples serves every training on them (MoCAN,
+            # PeCAN's three runs, each primal-dual step) instead of one pass per subset of used responses.
+            ref[samples.flatten()] = torch.as_tensor(self.reference_logprob(self.sample_ids)).flatten()
+        else:
+            prompt_of = {}
+            for x, a, b in zip(pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist()):
+                prompt_of[a] = prompt_of[b] = x
+            ref[used] = self._ref_logprob([self.sample_prompts[prompt_of[i]] for i in used.tolist()],
+                                          [self.texts[i] for i in used.tolist()])
         tokenizer, max_length = handle.tokenizer, self.model_cfg.max_length
 
         def logratios(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -586,12 +591,18 @@ class LanguageStages:
 
         return self.trained(spec, run)
 
+    def _flat(self, responses: np.ndarray) -> tuple[list[str], list[str]]:
+        return ([p for p, row in zip(self.sample_prompts, responses) for _ in row],
+                [self.texts[i] for row in responses for i in row])
+
+    def reference_logprob(self, responses: np.ndarray) -> np.ndarray:
+        """log π_ref(y|x) of the dual's responses [N, K] (cached)."""
+        return self._ref_logprob(*self._flat(responses)).numpy().reshape(responses.shape)
+
     def logratio(self, policy: TrainedAdapter, responses: np.ndarray) -> np.ndarray:
         """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β)."""
-        flat_p = [p for p, row in zip(self.sample_prompts, responses) for _ in row]
-        flat_y = [self.texts[i] for row in responses for i in row]
-        rho = self._policy_logprob(policy, flat_p, flat_y) - self._ref_logprob(flat_p, flat_y)
-        return rho.numpy().reshape(responses.shape)
+        logp = self._policy_logprob(policy, *self._flat(responses)).numpy().reshape(responses.shape)
+        return logp - self.reference_logprob(responses)
 
     def policy_scores(self, policy: TrainedAdapter, num_samples: int, generator: torch.Generator
                       ) -> tuple[np.ndarray, np.ndarray]:
