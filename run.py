@@ -3,6 +3,7 @@
     python run.py                                  # the default experiment
     python run.py experiment=tabular safety.margin=0.3
     python run.py -m safety.margin=0.1,0.3,0.5     # a sweep, one output folder per job
+    python run.py sweeps=margins                   # a named sweep from sweeps/ (resumable)
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from alignment.config import Config, hydra_run_context, register_configs
+from alignment.config import Config, hydra_run_context, register_configs, sweep_group
 from alignment.experiment import format_report, run_experiment
+from alignment.jobs import run_sweep_job
 
 log = logging.getLogger("run")
 register_configs()
@@ -25,11 +27,12 @@ def main(dcfg: DictConfig) -> None:
     dcfg.run_dir = context["output_dir"]
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     cfg: Config = OmegaConf.to_object(dcfg)
-    group = None
     if context["multirun"]:
-        group = "sweep-" + context["sweep_dir"].strip("/").replace("/", "-").removeprefix("outputs-multirun-")
-    summary = run_experiment(cfg, resolved_config=resolved, group=group)
-    log.info("outputs: %s\n%s", cfg.run_dir, format_report(summary))
+        summary = run_sweep_job(cfg, resolved, group=sweep_group(context["sweep_dir"]))
+    else:
+        summary = run_experiment(cfg, resolved_config=resolved)
+    if summary is not None:
+        log.info("outputs: %s\n%s", cfg.run_dir, format_report(summary))
 
 
 if __name__ == "__main__":

@@ -446,3 +446,40 @@ def hydra_run_context() -> dict[str, Any]:
         "job_num": hc.job.num if multirun else None,
         "overrides": list(hc.overrides.task),
     }
+
+
+def sweep_group(sweep_dir: str) -> str:
+    """The W&B group of a multirun's jobs and of its summary run: ``sweep-<date>-<time>``."""
+    return "sweep-" + str(sweep_dir).strip("/").replace("/", "-").removeprefix("outputs-multirun-")
+
+
+def _callback_base() -> type:
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class SweepReport(_callback_base()):  # type: ignore[misc]
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): when a multirun ends, aggregate its jobs into
+    results.csv, Pareto fronts and a sweep-level W&B run (alignment/report.py), list the failed jobs and exit
+    non-zero if there are any."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        import logging
+        import sys
+
+        from alignment.report import report_sweep
+
+        log = logging.getLogger("sweep")
+        sweep_dir = str(config.hydra.sweep.dir)
+        tracker = config.tracker
+        report = report_sweep(sweep_dir, tracker_kind=tracker.kind, project=tracker.project, entity=tracker.entity,
+                              group=tracker.group or sweep_group(sweep_dir), mode=tracker.mode)
+        log.info("sweep report: %s (%d jobs, %d reused, %d failed)", report.results_csv, report.jobs,
+                 report.reused, len(report.failed))
+        if report.failed:
+            for job in report.failed:
+                log.error("failed job: %s", job)
+                print(f"failed job: {job}", file=sys.stderr)  # whatever the logging config of the last job
+            sys.exit(1)
+

@@ -443,6 +443,40 @@ def solve_dual(
     return _solve(p, lam0, tol, int(max_iter))
 
 
+def projected_gradient_descent(reward: Any, safety: Any, margin: Any, beta: float, *, ref_logprob: Any = None,
+                               step: float = 3.0, tol: float = 1e-9, max_iter: int = 20000
+                               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The paper's notebooks' solver, as a peer for benchmarks and convergence plots (not used by the harness).
+
+    λ_0 = 1, λ ← max(0, λ - step ∇D(λ)); whenever D increases, restart from λ = 1 with the step halved.
+    Stops when the projected gradient is below ``tol``. Returns λ and every accepted iterate.
+    """
+    p = _prepare(reward, safety, margin, beta, ref_logprob)
+
+    def point(lam: np.ndarray) -> _Point:
+        pt = _Point(p, lam)
+        pt.finish(hessian=False)
+        return pt
+
+    lam = np.ones(p.m)
+    current = point(lam)
+    history = [lam.copy()]
+    for _ in range(max_iter):
+        new = np.maximum(lam - step * current.grad, 0.0)
+        trial = point(new)
+        if trial.value > current.value + 1e-15 * abs(current.value):
+            step /= 2  # diverging: restart from λ = 1 with half the step
+            lam = np.ones(p.m)
+            current = point(lam)
+            history.append(lam.copy())
+            continue
+        lam, current = new, trial
+        history.append(lam.copy())
+        if _projected_gradient_norm(lam, current.grad) <= tol:
+            break
+    return lam, history
+
+
 def solve_front(
     reward: Any,
     safety: Any,

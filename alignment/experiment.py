@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from alignment.config import Config
 from alignment.dual import dual_path, dual_terms
 from alignment.provenance import run_info, seed_everything
 from alignment.stages import build_stages, percentile_interval
-from alignment.store import ArtifactStore, atomic_write_json
+from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json
 from alignment.tracking import MultiTracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,20 @@ def _predictions(outcome: Outcome, ctx: AlignmentContext) -> dict[str, Any]:
     return out
 
 
+def _save_arrays(path: Path, ctx: AlignmentContext, reward_draws: np.ndarray, safety_draws: np.ndarray,
+                 scores: dict[str, np.ndarray]) -> None:
+    """What figures need beyond the summary: the dual's inputs (π_ref's scores, for score distributions,
+    D(λ) curves, solver traces and λ* against N and K), the bootstrap draws of the achieved gains (for
+    intervals pooled over seeds) and the evaluation score samples before and after alignment."""
+    arrays = {"reward": ctx.reward, "safety": ctx.safety, "eval_reward_draws": reward_draws,
+              "eval_safety_draws": safety_draws, **{f"eval_{k}": v for k, v in scores.items()}}
+    if ctx.ref_logprob is not None:
+        arrays["ref_logprob"] = ctx.ref_logprob
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The experiment
 
@@ -187,6 +202,8 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         with _timed(times, "evaluate"):
             evaluation = stages.evaluate(outcome.policy, outcome.lam, eval_rng, tracker)
         safety_draws = evaluation.pop("eval/safety_draws")
+        _save_arrays(run_dir / "arrays.npz", ctx, evaluation.pop("eval/reward_draws"), safety_draws,
+                     evaluation.pop("eval/scores"))
         achieved = np.asarray(evaluation["eval/safety_gain"])
         summary.update(evaluation)
         summary.update({

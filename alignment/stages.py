@@ -217,6 +217,10 @@ class TabularStages:
             "eval/safety_gain_ci": percentile_interval(safety_draws, cfg.eval.level),
             "eval/kl": exact.kl,
             "eval/safety_draws": safety_draws,
+            "eval/reward_draws": reward_draws,
+            # Score distributions before and after (figures): every candidate, weighted by its probability.
+            "eval/scores": {"policy_safety": world.safety[..., 0].ravel(), "policy_weight": probs.ravel() / len(q),
+                            "reference_safety": world.safety[..., 0].ravel(), "reference_weight": q.ravel() / len(q)},
             # Distance to the closed-form π_λ on the full candidate lists: how well training reached its target.
             "eval/tv_to_target": tv,
             "eval/exact": True,
@@ -701,6 +705,8 @@ class LanguageStages:
             "eval/safety_gain": (pol_g.mean(axis=(0, 1)) - ref_g.mean(axis=(0, 1))).tolist(),
             "eval/safety_gain_ci": percentile_interval(safety_draws, cfg.eval.level),
             "eval/safety_draws": safety_draws,
+            "eval/reward_draws": reward_draws,
+            "eval/scores": {"policy_safety": pol_g[..., 0].ravel(), "reference_safety": ref_g[..., 0].ravel()},
             "eval/kl": float(kl_per_prompt.mean()),
             "eval/kl_ci": percentile_interval(kl_per_prompt[idx].mean(axis=1), cfg.eval.level),
             "eval/win_rate_helpfulness": float(win_h.mean()),

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from scipy.optimize import minimize
 
-from alignment.dual import _Point, _prepare, solve_dual
+from alignment.dual import _Point, _prepare, projected_gradient_descent, solve_dual
 
 
 def make_instance(n: int, k: int, m: int, seed: int = 0):
@@ -53,31 +53,9 @@ def run_lbfgsb(reward, safety, margin, beta):
     return res.x, calls["n"]
 
 
-def value_and_grad(p, lam):
-    point = _Point(p, lam)
-    point.finish(hessian=False)
-    return point
-
-
-def run_paper_pgd(reward, safety, margin, beta, step: float = 3.0, tol: float = 1e-9, max_iter: int = 20000):
-    """Projected gradient descent as in the paper's notebooks: λ0 = 1, fixed step, restart with half step."""
-    p = _prepare(reward, safety, margin, beta, None)
-    lam = np.ones(p.m)
-    t = value_and_grad(p, lam)
-    it = 0
-    while it < max_iter:
-        it += 1
-        new = np.maximum(lam - step * t.grad, 0.0)
-        t_new = value_and_grad(p, new)
-        if t_new.value > t.value + 1e-15 * abs(t.value):
-            step /= 2  # diverging: restart from λ = 1 with half the step
-            lam = np.ones(p.m)
-            t = value_and_grad(p, lam)
-            continue
-        lam, t = new, t_new
-        if np.abs(lam - np.maximum(lam - t.grad, 0.0)).max() <= tol:
-            break
-    return lam, it
+def run_paper_pgd(reward, safety, margin, beta):
+    lam, history = projected_gradient_descent(reward, safety, margin, beta, step=3.0)
+    return lam, len(history) - 1
 
 
 def run_cvxpy(reward, safety, margin, beta):

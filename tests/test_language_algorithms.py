@@ -134,3 +134,26 @@ def test_lm_without_lora_is_refused(tiny_lm, tmp_path):
     cfg.model = dataclasses.replace(cfg.model, lora=None)
     with pytest.raises(ValueError, match="model.lora"):
         run_experiment(cfg, progress=False)
+
+
+def test_pecan_on_a_preference_dataset_uses_its_better_and_safer_ids(tiny_lm, tmp_path):
+    """On PKU-SafeRLHF records PeCAN pre-aligns on the dataset's own better / safer responses (hard labels)."""
+    from pathlib import Path
+
+    from alignment.config import PreferenceDatasetConfig
+
+    source = Path(__file__).parent / "data" / "pku_saferlhf_sample.jsonl"
+    cfg = lm_config(tiny_lm, tmp_path / "run", tmp_path / "cache", "pecan")
+    cfg.dataset = PreferenceDatasetConfig(source=str(source), n_prompts=2, n_eval_prompts=2)
+    cfg.safety = SafetyConfig(margin=-1.0)
+    cfg.model = dataclasses.replace(cfg.model, max_length=256)
+    s = run_experiment(cfg, progress=False)
+    assert s["status"] == "completed" and s["compute/training_runs"] == 3
+    stages = LanguageStages(cfg, ArtifactStore(tmp_path / "cache"))
+    stages.sample_reference(torch.Generator())
+    better, safer = stages.dataset_preferences("helpful"), stages.dataset_preferences("safe")
+    assert len(better["label"]) == 2 and bool((better["label"] == 1).all())
+    chosen = {stages.texts[int(i)] for i in better["y1"]}
+    records = [r for r in stages.records if r.prompt in set(stages.sample_prompts)]
+    assert chosen == {r.response(r.better_response_id) for r in records}
+    assert {stages.texts[int(i)] for i in safer["y1"]} == {r.response(r.safer_response_id) for r in records}

@@ -1,0 +1,107 @@
+"""Resumable sweeps: a job's identity, a registry of finished jobs, and running one job of a sweep.
+
+A job is identified by the hash of its resolved config (everything but the output folder) and of the code
+that runs it (the source of this package), so relaunching a sweep, into the same folder or a new one, skips
+every job that already completed with the same config and code, reusing its outputs, and reruns jobs that
+failed or never ran. A code change invalidates every job, as it should.
+
+The registry lives in the artifact cache (``<cache_dir>/jobs/<key>.json``), which sweeps share already.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from alignment.config import Config
+from alignment.store import atomic_write_json, canonical_json
+
+log = logging.getLogger(__name__)
+
+# What a reused job copies into its new folder: everything reports and figures read.
+REUSED = ("summary.json", "arrays.npz", "run_info.json", "metrics.jsonl", "tables", "figures")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """sha256 of this package's source files (names and contents), independent of git."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def job_key(resolved: dict[str, Any]) -> str:
+    identity = {k: v for k, v in resolved.items() if k != "run_dir"}
+    return hashlib.sha256(canonical_json({"config": identity, "code": code_version()}).encode()).hexdigest()
+
+
+class JobRegistry:
+    """Finished jobs by key: ``{"status": ..., "run_dir": ...}``, written atomically."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.root = Path(cache_dir) / "jobs"
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def completed_run(self, key: str) -> Path | None:
+        """The folder of a completed run with this key whose summary is still there, else None."""
+        try:
+            entry = json.loads(self._path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        run_dir = Path(entry.get("run_dir", ""))
+        summary = run_dir / "summary.json"
+        if entry.get("status") != "completed" or not summary.exists():
+            return None
+        try:
+            return run_dir if json.loads(summary.read_text()).get("status") == "completed" else None
+        except ValueError:
+            return None
+
+    def record(self, key: str, run_dir: str | Path, status: str) -> None:
+        atomic_write_json(self._path(key), {"status": status, "run_dir": str(Path(run_dir).resolve())})
+
+
+def reuse(previous: Path, run_dir: Path) -> dict[str, Any]:
+    """Copy a completed job's outputs into this job's folder and return its summary (marked as resumed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if previous.resolve() != run_dir.resolve():
+        for name in REUSED:
+            src = previous / name
+            if src.is_dir():
+                shutil.copytree(src, run_dir / name, dirs_exist_ok=True)
+            elif src.exists():
+                shutil.copy2(src, run_dir / name)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update({"resumed_from": str(previous.resolve()), "run_dir": str(run_dir)})
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None) -> dict[str, Any] | None:
+    """One job of a multirun: skipped (outputs reused) when an identical job completed before; otherwise run,
+    with a failure recorded and logged instead of raised, so the sweep goes on and reports it at the end."""
+    from alignment.experiment import run_experiment
+
+    registry, key = JobRegistry(cfg.cache_dir), job_key(resolved)
+    run_dir = Path(cfg.run_dir or ".")
+    previous = registry.completed_run(key)
+    if previous is not None:
+        log.info("job %s completed before in %s: reusing its outputs", key[:12], previous)
+        return reuse(previous, run_dir)
+    try:
+        summary = run_experiment(cfg, resolved_config=resolved, group=group)
+    except Exception:
+        log.exception("job failed (outputs in %s); the sweep continues and reports failures at the end", run_dir)
+        registry.record(key, run_dir, "failed")
+        return None
+    registry.record(key, run_dir, "completed")
+    return summary

@@ -1,0 +1,140 @@
+"""Named sweeps, resumable multiruns, the sweep report (results.csv, Pareto fronts, a W&B summary run) and the
+paper's figures, on small tabular sweeps through the real CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignment.figures import make_figures
+from alignment.report import hierarchical_interval, load_sweep, pareto_mask, sweep_points
+from alignment.wandb_offline import find_offline_runs, read_offline_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["experiment=tabular", "dataset.n_prompts=30", "sampling.num_samples=16", "algorithm.pairs_per_prompt=16",
+         "trainer.epochs=20", "algorithm.dual.bootstrap=20", "eval.bootstrap=200",
+         "algorithm.primal_dual.iterations=3", "algorithm.primal_dual.num_samples=16"]
+
+
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args, "cache_dir=cache"], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """`sweeps=margins` with an algorithm axis added: MoCAN, cold primal-dual and π_ref over three margins."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    out = cli(["sweeps=margins", *SMALL, "safety.margin=0.1,0.3,0.5",
+               "algorithm=mocan,primal_dual,reference", "hydra.sweep.dir=sweep"], cwd)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return cwd, out
+
+
+def test_named_sweep_runs_every_job_and_reports(sweep):
+    cwd, _ = sweep
+    root = cwd / "sweep"
+    loaded = load_sweep(root)
+    assert len(loaded.jobs) == 9 and not loaded.failed
+    with open(root / "report" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9
+    by_dir = {r["run_dir"]: r for r in rows}
+    for job in loaded.jobs:
+        row = by_dir[str(job.run_dir)]
+        assert float(row["eval/safety_gain_0"]) == pytest.approx(job.summary["eval/safety_gain"][0])
+        assert row["algorithm/label"] == job.label
+    # One W&B run per job plus the sweep's summary run, all in one group.
+    runs = [read_offline_run(p) for p in find_offline_runs(root)]
+    assert len(runs) == 10 and len({r.group for r in runs}) == 1
+    report_runs = [r for r in runs if r.job_type == "sweep-report"]
+    assert len(report_runs) == 1 and report_runs[0].summary["sweep/jobs"] == 9
+    assert any("sweep/pareto" in row for row in report_runs[0].history)
+
+
+def test_relaunch_skips_completed_jobs_and_reports_failures(sweep):
+    cwd, _ = sweep
+    start = time.perf_counter()
+    again = cli(["sweeps=margins", *SMALL, "safety.margin=0.1,0.3,0.5",
+                 "algorithm=mocan,primal_dual,reference", "hydra.sweep.dir=again"], cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    relaunched = load_sweep(cwd / "again")
+    assert len(relaunched.jobs) == 9 and all(j.summary.get("resumed_from") for j in relaunched.jobs)
+    first = {(j.label, j.margin): j.summary["eval/safety_gain"] for j in load_sweep(cwd / "sweep").jobs}
+    assert {(j.label, j.margin): j.summary["eval/safety_gain"] for j in relaunched.jobs} == first
+    assert time.perf_counter() - start < 60
+    # An infeasible margin fails its job only; the sweep finishes, lists it and exits non-zero.
+    failing = cli(["-m", *SMALL, "safety.margin=0.3,50", "hydra.sweep.dir=failing"], cwd)
+    assert failing.returncode != 0
+    assert "failed job" in failing.stderr and "infeasible" in failing.stdout + failing.stderr
+    partial = load_sweep(cwd / "failing")
+    assert len(partial.jobs) == 1 and len(partial.failed) == 1
+    assert partial.jobs[0].summary.get("resumed_from")  # margin 0.3 with MoCAN ran in the first sweep
+
+
+def test_unknown_sweep_name_fails_loudly(tmp_path):
+    out = cli(["sweeps=margin", *SMALL], tmp_path)
+    assert out.returncode != 0 and "sweeps" in out.stderr
+    assert not list(tmp_path.rglob("summary.json"))  # no default job ran instead
+
+
+def test_figures_regenerate_from_outputs_and_match_summaries(sweep, tmp_path):
+    cwd, _ = sweep
+    start = time.perf_counter()
+    data = make_figures(cwd / "sweep", tmp_path / "figs")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 30, elapsed
+    expected = {"fig1a_reference_scores", "fig1b_dual_curves", "fig1c_solver_error", "fig2a_predicted_vs_achieved",
+                "fig2b_score_distributions", "fig3a_tradeoff", "fig4_lambda_vs_data", "fig5_compute"}
+    assert expected <= set(data)
+    for key in expected:
+        assert (tmp_path / "figs" / f"{key}.pdf").stat().st_size > 0 and (tmp_path / "figs" / f"{key}.png").exists()
+    jobs = load_sweep(cwd / "sweep").jobs
+    mocan = {j.margin[0]: j.summary for j in jobs if j.label == "mocan"}
+    # Plotted values are the summaries' values.
+    fig2 = data["fig2a_predicted_vs_achieved"]
+    for margin, pred, ach in zip(fig2["margin"], fig2["predicted"], fig2["achieved"]):
+        assert pred == pytest.approx(mocan[margin]["predicted/safety_gain"][0])
+        assert ach == pytest.approx(mocan[margin]["eval/safety_gain"][0])
+    for margin, curve in data["fig1b_dual_curves"].items():
+        assert curve["lambda_star"] == pytest.approx(mocan[margin]["dual/lambda"][0], rel=1e-6)
+    trade = data["fig3a_tradeoff"]
+    for job in jobs:  # one seed per point: the plotted point is the job's own pair of gains
+        assert any(np.isclose(x, job.summary["eval/reward_gain"]) and np.isclose(y, job.summary["eval/safety_gain"][0])
+                   for x, y in trade[job.label])
+    compute = data["fig5_compute"]
+    for job in jobs:
+        if job.label != "reference":
+            tokens, _ = compute[f"{job.label} b={job.margin[0]:g}"]
+            assert tokens == job.summary["compute/forward_tokens"] + job.summary["compute/backward_tokens"]
+    assert data["fig1c_solver_error"]["projected Newton (ours)"][-1] < 1e-8
+    assert len(data["fig1c_solver_error"]["projected Newton (ours)"]) < len(
+        data["fig1c_solver_error"]["projected gradient (paper)"])
+
+
+def test_report_cli_and_fronts(sweep):
+    cwd, _ = sweep
+    out = subprocess.run([sys.executable, "-m", "alignment.report", str(cwd / "sweep")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    points = json.loads((cwd / "sweep" / "report" / "points.json").read_text())
+    assert {p["label"] for p in points} == {"mocan", "primal_dual_cold", "reference"}
+    assert all(p["safety_ci"][0] <= p["safety_gain"] <= p["safety_ci"][1] for p in points)
+    loaded = sweep_points(load_sweep(cwd / "sweep"))
+    assert any(p.on_front for p in loaded if p.label == "mocan")
+
+
+def test_pareto_mask_and_hierarchical_interval():
+    pts = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.2, 0.2], [1.0, 0.0]])
+    assert pareto_mask(pts).tolist() == [True, True, True, False, True]  # ties are not dominated
+    one = hierarchical_interval([np.linspace(0, 1, 101)], 0.9)
+    assert one == pytest.approx((0.05, 0.95), abs=0.02)  # one seed: its own prompt interval
+    wide = hierarchical_interval([np.full(50, 0.0), np.full(50, 1.0)], 0.95)
+    assert wide[0] == pytest.approx(0.0) and wide[1] == pytest.approx(1.0)  # seed spread dominates
