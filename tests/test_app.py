@@ -104,6 +104,7 @@ def test_cli_multirun_sweeps_margins_into_separate_runs(tmp_path):
     assert [s["margin"] for s in summaries] == [[0.1], [0.3]]
     assert summaries[0]["dual/lambda"][0] < summaries[1]["dual/lambda"][0]
     runs = [read_offline_run(p) for p in find_offline_runs(tmp_path / "sweep")]
+    runs = [r for r in runs if r.job_type != "sweep-report"]  # the sweep's summary run (tests/test_sweeps.py)
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 2  # one W&B run per job, never merged
     assert runs[0].group == runs[1].group and runs[0].group.startswith("sweep")
     assert sorted(r.config["safety"]["margin"] for r in runs) == [0.1, 0.3]
@@ -128,4 +129,5 @@ def test_cli_multirun_runs_every_algorithm_with_the_same_keys(tmp_path):
     assert all(s["status"] == "completed" for s in summaries)
     assert all(s["compute/training_runs"] is not None and "eval/safety_gain" in s for s in summaries)
     runs = [read_offline_run(p) for p in find_offline_runs(tmp_path / "sweep")]
-    assert sorted(r.job_type for r in runs) == sorted(s["algorithm/label"] for s in summaries)
+    jobs = sorted(r.job_type for r in runs if r.job_type != "sweep-report")
+    assert jobs == sorted(s["algorithm/label"] for s in summaries)
