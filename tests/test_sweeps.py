@@ -138,3 +138,12 @@ def test_pareto_mask_and_hierarchical_interval():
     assert one == pytest.approx((0.05, 0.95), abs=0.02)  # one seed: its own prompt interval
     wide = hierarchical_interval([np.full(50, 0.0), np.full(50, 1.0)], 0.95)
     assert wide[0] == pytest.approx(0.0) and wide[1] == pytest.approx(1.0)  # seed spread dominates
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    out = cli(["-m", *SMALL, "safety.margin=0.2,0.4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+               "tracker=none", "hydra.sweep.dir=par"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loaded = load_sweep(tmp_path / "par")
+    assert sorted(j.margin for j in loaded.jobs) == [(0.2,), (0.4,)]
+    assert (tmp_path / "par" / "report" / "results.csv").exists()  # the report callback ran after the pool
