@@ -55,6 +55,9 @@ def convert_gguf_from_wheel(name_or_path: str, store: ArtifactStore) -> Path:
         # from_pretrained look for a quantiser that does not apply.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
         model.save_pretrained(str(out), safe_serialization=True)
         tokenizer.save_pretrained(str(out))
 
