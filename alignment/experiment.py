@@ -117,6 +117,8 @@ def _predictions(outcome: Outcome, ctx: AlignmentContext) -> dict[str, Any]:
     out: dict[str, Any] = {"predicted/safety_gain": terms.safety_gain.tolist(),
                            "predicted/reward_gain": terms.reward_gain, "predicted/kl": terms.kl}
     choice = outcome.choice
+    # The bootstrap intervals belong to a dual solved on these very scores at this very λ: MoCAN's. PeCAN's dual
+    # ran on implicit rewards, and a warm primal-dual has moved λ away from the bootstrapped λ*.
     same_scores = outcome.dual_scores is not None and outcome.dual_scores[0] is ctx.reward
     if choice is not None and choice.intervals is not None and same_scores and np.array_equal(choice.lam, outcome.lam):
         boot = choice.intervals
