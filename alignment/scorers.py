@@ -50,9 +50,23 @@ def _model_scorer(spec: ScorerSpec) -> TextScore:
     return raw
 
 
-def build_scorer(spec: ScorerSpec) -> Scorer:
+def _learned_scorer(spec: ScorerSpec, cache_dir: str | None) -> TextScore:
+    from alignment.learned_scorers import LearnedScorers
+    from alignment.store import ArtifactStore
+
+    heads = {"minilm/safety": "safety", "minilm/helpfulness": "helpfulness"}
+    if spec.name not in heads:
+        raise ValueError(f"scorer {spec.name!r}: kind learned offers {sorted(heads)}")
+    if cache_dir is None:
+        raise ValueError(f"scorer {spec.name!r}: learned scorers need the artifact cache (cache_dir)")
+    return getattr(LearnedScorers(ArtifactStore(cache_dir)), heads[spec.name])
+
+
+def build_scorer(spec: ScorerSpec, cache_dir: str | None = None) -> Scorer:
     if spec.kind == "model":
         return Scorer(spec.name, spec.direction, _model_scorer(spec))
+    if spec.kind == "learned":
+        return Scorer(spec.name, spec.direction, _learned_scorer(spec, cache_dir))
     gold = _gold_scorers()
     if spec.name not in gold:
         raise ValueError(f"scorer {spec.name!r}: no gold scorer of that name; choose one of {sorted(gold)} "

