@@ -485,28 +485,14 @@ class LanguageStages:
         texts = [[self.texts[i] for i in row] for row in responses]
         return self._score_texts(self.sample_prompts, texts)
 
-    def _ref_logprob(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def _logprob(self, policy: TrainedAdapter | None, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """log π(y|x) of a trained policy (``None``: π_ref) for each (prompt, response), cached by content."""
         from alignment.policies import sequence_logprob
 
         spec = {"model": self.model_id, "texts": _digest([prompts, responses]),
                 "max_length": self.model_cfg.max_length}
-
-        def compute(out: Path) -> None:
-            handle = self.policy_handle
-            with handle.reference():
-                lp = sequence_logprob(handle.model, handle.tokenizer, prompts, responses,
-                                      max_length=self.model_cfg.max_length)
-            np.save(out / "logprob.npy", lp.numpy())
-
-        result = self.store.get_or_compute("ref_logprob", spec, compute=compute, version=self.LOGPROB_VERSION)
-        self.compute.add(forward_tokens=self._token_count(prompts, responses))
-        return torch.as_tensor(np.load(result.path / "logprob.npy"))
-
-    def _policy_logprob(self, policy: TrainedAdapter, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        from alignment.policies import sequence_logprob
-
-        spec = {"model": self.model_id, "adapter": policy.key, "texts": _digest([prompts, responses]),
-                "max_length": self.model_cfg.max_length}
+        if policy is not None:
+            spec["adapter"] = policy.key
 
         def compute(out: Path) -> None:
             handle = self.policy_handle
@@ -515,9 +501,13 @@ class LanguageStages:
                                       max_length=self.model_cfg.max_length)
             np.save(out / "logprob.npy", lp.numpy())
 
-        result = self.store.get_or_compute("policy_logprob", spec, compute=compute, version=self.LOGPROB_VERSION)
+        stage = "ref_logprob" if policy is None else "policy_logprob"
+        result = self.store.get_or_compute(stage, spec, compute=compute, version=self.LOGPROB_VERSION)
         self.compute.add(forward_tokens=self._token_count(prompts, responses))
         return torch.as_tensor(np.load(result.path / "logprob.npy"))
+
+    def _ref_logprob(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self._logprob(None, prompts, responses)
 
     def dataset_pairs(self, lam: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The dataset's own response pairs of the dual's prompts (the paper's MoCAN code on PKU-SafeRLHF-30K),
@@ -644,7 +634,7 @@ class LanguageStages:
 
     def logratio(self, policy: TrainedAdapter, responses: np.ndarray) -> np.ndarray:
         """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β)."""
-        logp = self._policy_logprob(policy, *self._flat(responses)).numpy().reshape(responses.shape)
+        logp = self._logprob(policy, *self._flat(responses)).numpy().reshape(responses.shape)
         return logp - self.reference_logprob(responses)
 
     def policy_scores(self, policy: TrainedAdapter, num_samples: int, generator: torch.Generator
