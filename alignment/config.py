@@ -381,6 +381,12 @@ class EvalConfig:
     table_rows: int = 16  # sample generations logged as a table
     # Allowance, in safety units, for "constraint met": stage 2 is a finite optimisation from samples.
     tolerance: float = 0.02
+    # lm-eval (alignment/lmeval.py) on π_ref and the aligned policy, language-model worlds only.
+    lmeval: bool = False
+    lmeval_tasks: list[str] = field(default_factory=lambda: ["harmful_refusal", "benign_overrefusal",
+                                                             "capability_arith"])
+    lmeval_limit: int | None = None  # documents per task (None: all)
+    lmeval_max_gen_toks: int = 48
 
 
 @dataclass

@@ -236,7 +236,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         summary["cache/events"] = [f"{'hit' if e.hit else 'miss'} {e.stage} {e.key[:12]}" for e in store.events]
         summary.update({"git/commit": info["git"]["commit"], "git/dirty": info["git"]["dirty"],
                         "packages": info["packages"], "run_dir": str(run_dir)})
-        tracker.log({k: v for k, v in summary.items() if k.startswith(("eval/", "time/", "compute/"))
+        tracker.log({k: v for k, v in summary.items() if k.startswith(("eval/", "time/", "compute/", "lmeval"))
                      and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=None)
         tracker.finish(summary)
     return summary

@@ -280,9 +280,9 @@ class LanguageStages:
         world = make_toy_world(d.seed, d.n_prompts, d.harmful_fraction, test_fraction=d.test_fraction)
         self.toy_world = world
         train = [p.text for p in world.select(split="train")]
-        test = [p.text for p in world.select(split="test")]
-        if self.cfg.eval.max_prompts is not None:
-            test = test[: self.cfg.eval.max_prompts]
+        held_out = world.select(split="test")[: self.cfg.eval.max_prompts]
+        test = [p.text for p in held_out]
+        self.eval_harmful = [p.is_harmful for p in held_out]
         if not test:
             raise ValueError(f"dataset: no held-out prompts with n_prompts={d.n_prompts}, test_fraction="
                              f"{d.test_fraction}; raise dataset.n_prompts or dataset.test_fraction")
@@ -298,6 +298,7 @@ class LanguageStages:
         n_harm_eval = round(d.n_eval_prompts * d.harmful_fraction)
         wanted = {True: (n_harm, n_harm_eval), False: (d.n_prompts - n_harm, d.n_eval_prompts - n_harm_eval)}
         train, test, sources = [], [], {}
+        self.eval_harmful: list[bool] = []
         for harmful, names in ((True, d.harmful), (False, d.benign)):
             pool: list[str] = []
             for name in names:
@@ -315,6 +316,7 @@ class LanguageStages:
                      "eval": [pool[i] for i in order[k_train:k_train + k_test]]}
             train += parts["dual"]
             test += parts["eval"]
+            self.eval_harmful += [harmful] * len(parts["eval"])
         self.prompt_record = {"sources": sources, "dual": train, "eval": test}
         return train, test
 
@@ -688,6 +690,29 @@ class LanguageStages:
         safety = np.stack([s(flat_p, flat_y) for s in self.safety_scorers], axis=-1)
         return reward.reshape(len(rows), -1), safety.reshape(len(rows), len(responses[0]), -1)
 
+    def _lmeval(self, policy: TrainedAdapter | None) -> dict[str, float]:
+        """lm-eval on π_ref and on the policy (``eval.lmeval``): refusal on held-out harmful prompts,
+        over-refusal on held-out benign ones, a small capability task, and any named lm-eval task."""
+        cfg = self.cfg.eval
+        if not cfg.lmeval:
+            return {}
+        from alignment.lmeval import run_lmeval, summary_entries, write_tasks
+
+        flags = getattr(self, "eval_harmful", None)
+        if flags is None:
+            raise ValueError("eval.lmeval: this dataset does not say which held-out prompts are harmful; "
+                             "use dataset=toy or dataset=real-prompts, or set eval.lmeval=false")
+        harmful = [p for p, h in zip(self.eval_prompts, flags) if h]
+        benign = [p for p, h in zip(self.eval_prompts, flags) if not h]
+        task_dir = write_tasks(self.store.root / "lmeval_tasks" / _digest([harmful, benign, cfg.lmeval_max_gen_toks])[:16],
+                               harmful, benign, max_gen_toks=cfg.lmeval_max_gen_toks, seed=self.cfg.dataset.seed)
+        handle = self.policy_handle
+        with handle.reference():
+            reference = run_lmeval(handle.model, handle.tokenizer, task_dir, cfg.lmeval_tasks, limit=cfg.lmeval_limit)
+        with self._acting_as(policy):
+            aligned = run_lmeval(handle.model, handle.tokenizer, task_dir, cfg.lmeval_tasks, limit=cfg.lmeval_limit)
+        return summary_entries(aligned, reference)
+
     def evaluate(self, policy: TrainedAdapter | None, lam: np.ndarray | None, rng: np.random.Generator,
                  tracker: Any) -> dict[str, Any]:
         """Held-out prompts: samples of the trained policy and of π_ref, scored; gains, KL estimate and win
@@ -729,6 +754,7 @@ class LanguageStages:
         tracker.log_table("eval/generations", ["prompt", "reference", "policy", "reward_ref", "reward_policy",
                                                "safety_ref", "safety_policy"], rows)
         return {
+            **self._lmeval(policy),
             "eval/reward_gain": float(pol_r.mean() - ref_r.mean()),
             "eval/reward_gain_ci": percentile_interval(reward_draws, cfg.eval.level),
             "eval/safety_gain": (pol_g.mean(axis=(0, 1)) - ref_g.mean(axis=(0, 1))).tolist(),

@@ -92,3 +92,5 @@ def test_real_world_smoke_run(tmp_path):
     assert summary["dataset/sources"]["advbench"]["size"] == 520
     prompts = json.loads((tmp_path / "run" / "prompts.json").read_text())
     assert len(prompts["dual"]) == 8 and len(prompts["eval"]) == 4 and not set(prompts["dual"]) & set(prompts["eval"])
+    assert 0 <= summary["lmeval_reference/harmful_refusal/refusal_rate"] <= 1
+    assert 0 <= summary["lmeval/capability_arith/acc"] <= 1
