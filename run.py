@@ -4,15 +4,18 @@
     python run.py experiment=tabular safety.margin=0.3
     python run.py -m safety.margin=0.1,0.3,0.5     # a sweep, one output folder per job
     python run.py sweeps=margins                   # a named sweep from sweeps/ (resumable)
+    accelerate launch --multi_gpu --num_processes 8 run.py experiment=paper   # training on 8 processes
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from alignment import distributed
 from alignment.config import Config, hydra_run_context, register_configs, sweep_group
 from alignment.experiment import format_report, run_experiment
 from alignment.jobs import run_sweep_job
@@ -31,9 +34,12 @@ def main(dcfg: DictConfig) -> None:
         summary = run_sweep_job(cfg, resolved, group=sweep_group(context["sweep_dir"]))
     else:
         summary = run_experiment(cfg, resolved_config=resolved)
-    if summary is not None:
+    if summary is not None and distributed.current().is_main:
         log.info("outputs: %s\n%s", cfg.run_dir, format_report(summary))
 
 
 if __name__ == "__main__":
+    # Under a distributed launcher: strip torch.distributed.launch's --local_rank, and keep ranks > 0 out of
+    # the outputs folder (alignment/distributed.py explains both).
+    sys.argv = distributed.launcher_argv(sys.argv)
     main()

@@ -345,8 +345,13 @@ class SamplingConfig:
     top_p: float = 1.0
     max_new_tokens: int = 48
     batch_size: int = 64  # sequences per generate() call
+    # hf: transformers generate() (default, anywhere); vllm: a vLLM engine (GPU, optional extra: .[vllm]).
+    # Online baselines (safe_rlhf) sample from the policy being trained, in memory, with hf either way.
+    backend: str = "hf"
 
     def __post_init__(self) -> None:
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"sampling.backend: 'hf' or 'vllm', got {self.backend!r}")
         if self.num_samples < 2:
             raise ValueError(f"sampling.num_samples: the dual needs K >= 2, got {self.num_samples}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignment import distributed
 from alignment.algorithms import AlignmentContext, InfeasibleMarginError, LambdaChoice, Outcome, get_algorithm
 from alignment.config import Config
 from alignment.dual import dual_path, dual_terms
@@ -158,11 +159,15 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     run_dir = Path(cfg.run_dir or ".")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config if resolved_config is not None else asdict(cfg)
+    # Under accelerate/torchrun: every rank runs this function; ranks > 0 write only to a scratch run_dir
+    # (see run.py) and never to a tracker, and they stop once the algorithm's training is done.
+    dist = distributed.setup(getattr(cfg.model, "device", "cpu"))
     seed_everything(cfg.seed)
     info = run_info(cfg.seed)
+    info["distributed"] = {"world_size": dist.world_size, "rank": dist.rank}
     atomic_write_json(run_dir / "run_info.json", info)
     tracker = make_tracker(
-        cfg.tracker.kind, run_dir, project=cfg.tracker.project, entity=cfg.tracker.entity,
+        cfg.tracker.kind if dist.is_main else "none", run_dir, project=cfg.tracker.project, entity=cfg.tracker.entity,
         group=cfg.tracker.group or group, job_type=cfg.algorithm.label, tags=cfg.tracker.tags,
         name=run_dir.name, config=resolved, mode=cfg.tracker.mode,
     )
@@ -197,6 +202,9 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         ctx = AlignmentContext(cfg, stages, responses, ref_logprob, reward, safety, tracker, gen_pairs,
                                progress=progress, times=times)
         outcome = algorithm(ctx)
+        if not distributed.release():
+            summary["status"] = "completed (rank > 0: evaluation and outputs are rank 0's)"
+            return summary
         compute_spent = stages.compute.summary()  # before evaluation, which every algorithm shares
         summary.update(_dual_summary(outcome.choice))
         summary.update(_predictions(outcome, ctx))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignment import distributed
 from alignment.config import HFModelConfig
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ def load_policy(cfg: HFModelConfig, *, adapter_path: str | Path | None = None, t
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.chat_template is not None:
         tokenizer.chat_template = cfg.chat_template
-    model.to(cfg.device)
+    model.to(distributed.current().device(cfg.device))  # under a launcher, cuda is this rank's GPU
     has_adapter = cfg.lora is not None or adapter_path is not None
     if adapter_path is not None:
         from peft import PeftModel
@@ -136,16 +138,35 @@ def _token_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
 
 
 def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ over response tokens of log p(token | prefix), [B]. Gradients flow when the caller enables them."""
+    """Σ over response tokens of log p(token | prefix), [B]. Gradients flow when the caller enables them.
+
+    Only positions from the earliest response token on go through the LM head: with a 49k-token vocabulary
+    the head and its log-softmax are a quarter of a small model's training step, and prompt positions are
+    masked out anyway. Exact: the kept logits are the same numbers.
+    """
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device)
     attention = batch["attention_mask"].to(device)
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-    targets = ids[:, 1:]
-    mask = batch["response_mask"][:, 1:].to(device)
+    mask = batch["response_mask"].to(device)
+    first = int(mask.any(dim=0).nonzero()[0]) if mask.any() else ids.shape[1] - 1  # earliest response token
+    keep = ids.shape[1] - first + 1  # hidden states first-1 .. L-1; the last predicts past the end
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=attention, **kwargs).logits[:, -keep:-1].float()
+    targets = ids[:, first:]
     # Fused log-softmax + gather: no [B, L, V] log-probability tensor is materialised.
     logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return (logp * mask).sum(dim=-1)
+    return (logp * mask[:, first:]).sum(dim=-1)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM under any peft wrapper takes ``logits_to_keep`` (transformers >= 4.50 models do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 @torch.no_grad()

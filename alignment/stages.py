@@ -252,8 +252,10 @@ class LanguageStages:
     LOGPROB_VERSION = "1"
 
     def __init__(self, cfg: Config, store: ArtifactStore):
+        from alignment.sampling import require_backend
         from alignment.scorers import build_scorer
 
+        require_backend(cfg.sampling.backend)  # a missing vLLM fails here, before any work
         self.cfg, self.store = cfg, store
         self.train_prompts, self.eval_prompts = self._prompts()
         self.model_cfg, self.model_id = self._resolve_model()
@@ -380,7 +382,12 @@ class LanguageStages:
                                  "weights with the adapter switched off); set model.lora.r, e.g. model.lora.r=8")
             from peft import get_peft_model_state_dict
 
-            self._policy = load_policy(self.model_cfg)
+            # LoRA's A matrices are random: seed them from the run's seed alone, not from whatever the process
+            # drew before (a cache miss upstream would otherwise change the initial adapter, and with it the
+            # trained one). fork_rng leaves the caller's stream untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                self._policy = load_policy(self.model_cfg)
             # Every training starts from this adapter (B = 0, so the policy starts exactly at π_ref).
             self._initial_adapter = {k: v.detach().clone()
                                      for k, v in get_peft_model_state_dict(self._policy.model).items()}
@@ -426,25 +433,45 @@ class LanguageStages:
 
     # -- stages ------------------------------------------------------------------------------------------
 
-    def _generate(self, stage: str, prompts: list[str], num_samples: int, seed: int, *, adapter: str | None,
-                  spec_extra: dict[str, Any]) -> list[list[str]]:
+    def _generate(self, stage: str, prompts: list[str], num_samples: int, seed: int, *,
+                  adapter: TrainedAdapter | None, spec_extra: dict[str, Any]) -> list[list[str]]:
+        """K samples per prompt from π_ref (``adapter=None``, the caller has switched the adapter off) or from a
+        trained adapter (the caller acts as it), through the configured backend; cached by content."""
         from alignment.sampling import GenerationSpec, sample_responses
 
         s = self.cfg.sampling
         gen = GenerationSpec(num_samples=num_samples, temperature=s.temperature, top_p=s.top_p,
                              max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
-        spec = {"model": self.model_id, "adapter": adapter, "prompts": _digest(prompts), "gen": asdict(gen),
-                "seed": seed, **spec_extra}
+        spec = {"model": self.model_id, "adapter": adapter and adapter.key, "prompts": _digest(prompts),
+                "gen": asdict(gen), "seed": seed, **spec_extra}
+        if s.backend != "hf":  # hf keys stay as they were; other engines draw other (equally valid) samples
+            spec["backend"] = s.backend
 
         def compute(out: Path) -> None:
-            handle = self.policy_handle
-            responses = sample_responses(handle.model, handle.tokenizer, prompts, gen, seed=seed, desc=stage)
+            if s.backend == "vllm":
+                responses = self._vllm().sample(prompts, gen, seed=seed, adapter=adapter and adapter.path,
+                                                desc=stage)
+            else:
+                handle = self.policy_handle
+                responses = sample_responses(handle.model, handle.tokenizer, prompts, gen, seed=seed, desc=stage)
             atomic_write_json(out / "samples.json", {"prompts": prompts, "responses": responses})
 
         result = self.store.get_or_compute(stage, spec, compute=compute, version=self.SAMPLES_VERSION)
         responses = json.loads((result.path / "samples.json").read_text())["responses"]
         self.compute.add(generated_tokens=self._response_tokens(responses), policy_samples=len(prompts) * num_samples)
         return responses
+
+    def _vllm(self) -> Any:
+        """The vLLM engine over the policy's model folder, built on first use (rank 0 only: sampling is)."""
+        if getattr(self, "_vllm_sampler", None) is None:
+            from alignment.sampling import VLLMSampler
+
+            m = self.model_cfg
+            self._vllm_sampler = VLLMSampler(m.name_or_path, self.policy_handle.tokenizer,
+                                             max_lora_rank=m.lora.r if m.lora else 16,
+                                             dtype="auto" if m.dtype == "float32" else m.dtype,
+                                             max_model_len=m.max_length)
+        return self._vllm_sampler
 
     def _register(self, responses: list[list[str]]) -> np.ndarray:
         """Append texts to the flat table; return their ids, [N, K]."""
@@ -576,7 +603,7 @@ class LanguageStages:
 
         return logratios
 
-    ADAPTER_VERSION = "2"  # 2: one adapter stage for every training (stage 2, pre-alignment, online)
+    ADAPTER_VERSION = "3"  # 2: one adapter stage for every training; 3: LoRA initialised from the run seed
 
     def trained(self, spec: dict[str, Any], run: Any) -> tuple[TrainedAdapter, dict[str, Any]]:
         """A LoRA adapter trained from π_ref by ``run(model, work_dir) -> info``, cached by ``spec`` (plus the
@@ -595,7 +622,9 @@ class LanguageStages:
             self._active = key
             atomic_write_json(out / "train.json", {**info, "compute": self.compute.since(before)})
 
-        result = self.store.get_or_compute("adapter", full, compute=compute, version=self.ADAPTER_VERSION)
+        # Collective: under a distributed launch every rank trains (its share of each batch); rank 0 publishes.
+        result = self.store.get_or_compute("adapter", full, compute=compute, version=self.ADAPTER_VERSION,
+                                           collective=True)
         saved = json.loads((result.path / "train.json").read_text())
         adapter = TrainedAdapter(result.key, result.path)
         if result.hit:
@@ -646,7 +675,7 @@ class LanguageStages:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         with self._acting_as(policy):
             responses = self._generate("policy_samples", self.sample_prompts, num_samples, seed,
-                                       adapter=policy.key, spec_extra={})
+                                       adapter=policy, spec_extra={})
         reward, safety = self._score_texts(self.sample_prompts, responses)
         return reward.mean(axis=1), safety.mean(axis=1)
 
@@ -662,6 +691,7 @@ class LanguageStages:
         gen = GenerationSpec(num_samples=k, temperature=s.temperature, top_p=s.top_p,
                              max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        # Always hf: the policy changes every step, in memory; an engine would need its weights pushed each step.
         responses = sample_responses(model, self.policy_handle.tokenizer, [self.sample_prompts[i] for i in rows],
                                      gen, seed=seed, progress=False)
         self.compute.add(generated_tokens=self._response_tokens(responses), policy_samples=len(rows) * k)
@@ -726,7 +756,7 @@ class LanguageStages:
         with handle.reference():
             ref = self._generate("eval_samples", prompts, m, seed, adapter=None, spec_extra={})
         with self._acting_as(policy):
-            generated = self._generate("eval_samples", prompts, m, seed, adapter=policy and policy.key,
+            generated = self._generate("eval_samples", prompts, m, seed, adapter=policy,
                                        spec_extra={})
         ref_r, ref_g = self._score_texts(prompts, ref)
         pol_r, pol_g = self._score_texts(prompts, generated)

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
+from alignment import distributed
+
 __all__ = [
     "MANIFEST_NAME",
     "ArtifactStore",
@@ -340,6 +342,7 @@ class ArtifactStore:
         compute: Callable[[Path], None],
         *,
         version: str,
+        collective: bool = False,
     ) -> CacheResult:
         """Return the entry for ``(stage, spec, version)``, running ``compute(tmpdir)`` only if it is absent.
 
@@ -347,7 +350,52 @@ class ArtifactStore:
         directory on the store's filesystem) and must not keep references to that path: it is renamed into
         place afterwards. If ``compute`` raises, the temporary directory is deleted and the exception
         propagates; nothing is published. A corrupted entry is logged, discarded and recomputed.
+
+        Under a distributed launch (``alignment.distributed``) every rank makes the same calls. By default
+        rank 0 computes and publishes while the others wait, then read its entry. With ``collective=True``
+        (training: every rank must take part) all ranks run ``compute``; rank 0's output is published and
+        the others' is discarded.
         """
+        dist = distributed.current()
+        if dist.enabled:
+            return self._get_or_compute_distributed(stage, spec, compute, version=version, collective=collective,
+                                                    dist=dist)
+        return self._get_or_compute(stage, spec, compute, version=version)
+
+    def _get_or_compute_distributed(self, stage: str, spec: Mapping[str, Any], compute: Callable[[Path], None],
+                                    *, version: str, collective: bool, dist: distributed.Distributed
+                                    ) -> CacheResult:
+        key = self.key(stage, spec, version=version)
+        entry = self._entry(stage, key)
+        if collective:
+            dist.barrier()  # nobody publishes between here and the check, so every rank decides alike
+            if self._problem(entry, key) is None:
+                return self._hit(stage, key, entry)
+            if dist.is_main:
+                result = self._get_or_compute(stage, spec, compute, version=version)
+            else:
+                scratch = self._stage_dir(stage) / f".rank{dist.rank}-{key}-{uuid.uuid4().hex[:8]}"
+                scratch.mkdir(parents=True)
+                try:
+                    compute(scratch)
+                finally:
+                    _remove(scratch)
+                result = CacheResult(path=entry, key=key, hit=False, stage=stage)
+            dist.barrier()
+            return result if dist.is_main else self._record(result)
+        if dist.is_main:
+            result = self._get_or_compute(stage, spec, compute, version=version)
+            dist.barrier()
+            return result
+        dist.barrier()
+        problem = self._problem(entry, key)
+        if problem is not None:
+            raise RuntimeError(f"cache_dir: rank {dist.rank} cannot read rank 0's {stage} entry {key[:12]} "
+                               f"({problem}); every rank needs the same cache_dir on a shared filesystem")
+        return self._hit(stage, key, entry)
+
+    def _get_or_compute(self, stage: str, spec: Mapping[str, Any], compute: Callable[[Path], None], *,
+                        version: str) -> CacheResult:
         key = self.key(stage, spec, version=version)
         entry = self._entry(stage, key)
 

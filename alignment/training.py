@@ -7,6 +7,7 @@ fixed λ, DPO on one objective) and in how a policy computes log-ratios for a ba
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from alignment import distributed
 from alignment.config import TrainerConfig
 from alignment.losses import preference_metrics, pseudo_preference_loss
 
@@ -63,50 +65,80 @@ def train_pairs(
     micro-batches. Shuffling uses its own generator seeded by ``seed``: the same config and seed give the same
     trained policy.
 
+    Under a distributed launch (``accelerate launch``, see ``alignment.distributed``) every rank draws the same
+    order and takes its contiguous share of each micro-batch; ``accelerate`` averages the gradients (DDP,
+    FSDP or DeepSpeed from the user's accelerate config), and each rank's loss is scaled by the world size so
+    that the average is the global batch's mean: the same update as one process, up to float summation
+    order. Logged metrics are summed over ranks first, so every rank logs the global batch's numbers.
+
     With ``checkpoint_dir`` and ``cfg.checkpoint_every > 0``, the trainable weights, optimiser, scheduler and
-    data order are saved every ``checkpoint_every`` steps (atomically); a rerun with the same arguments
-    resumes from the last checkpoint and ends with the same weights as an uninterrupted run.
+    data order are saved every ``checkpoint_every`` steps (atomically, by rank 0); a rerun with the same
+    arguments resumes from the last checkpoint and ends with the same weights as an uninterrupted run.
     """
+    from accelerate import Accelerator
+
     n_pairs = int(pairs["label"].shape[0])
     if n_pairs == 0:
         raise ValueError("train_pairs: no pairs to train on")
+    dist = distributed.current()
+    micro = max(cfg.batch_size // cfg.grad_accum, 1)
+    if micro < dist.world_size:
+        raise ValueError(f"trainer.batch_size: {cfg.batch_size} pairs in {cfg.grad_accum} micro-batches leaves "
+                         f"fewer than one pair per process ({dist.world_size} processes); raise batch_size "
+                         "(it is global) or lower grad_accum")
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(n_pairs / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
     generator = torch.Generator().manual_seed(seed)
-    micro = max(cfg.batch_size // cfg.grad_accum, 1)
     history: list[dict[str, float]] = []
     step, loss_value = 0, float("nan")
     resume = _load_checkpoint(checkpoint_dir, policy, optimizer, scheduler)
     if resume is not None:
         step, history = resume["step"], resume["history"]
         generator.set_state(resume["generator"])
-    policy.train()
-    # disable=None: bars on a terminal, silent in logs and CI.
-    bar = tqdm(total=total, initial=step, desc="stage 2", disable=None if progress else True, leave=False)
+    device = next(policy.parameters()).device
+    # The scheduler is stepped by hand, once per optimiser step: accelerate's wrapper would step it once per
+    # process.
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    model, prepared_optimizer = accelerator.prepare(policy, optimizer)
+    model.train()
+    # disable=None: bars on a terminal, silent in logs and CI; one bar per launch, on rank 0.
+    bar = tqdm(total=total, initial=step, desc="stage 2", disable=None if progress and dist.is_main else True,
+               leave=False)
     for epoch in range(step // steps_per_epoch, cfg.epochs):
         epoch_state = generator.get_state()
         order = torch.randperm(n_pairs, generator=generator)
         first = (step - epoch * steps_per_epoch) * cfg.batch_size if epoch == step // steps_per_epoch else 0
         for start in range(first, n_pairs, cfg.batch_size):
             batch_idx = order[start:start + cfg.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            totals = {"loss": 0.0, "reward_margin": 0.0, "label_accuracy": 0.0}
-            for m_start in range(0, len(batch_idx), micro):
+            prepared_optimizer.zero_grad(set_to_none=True)
+            sums = [0.0, 0.0, 0.0]  # loss, reward margin, label accuracy, summed over the global batch's pairs
+            starts = range(0, len(batch_idx), micro)
+            for m_start in starts:
                 idx = batch_idx[m_start:m_start + micro]
-                batch = {k: v[idx] for k, v in pairs.items()}
-                rho_1, rho_0 = logratios(policy, batch)
-                losses = pseudo_preference_loss(rho_1, rho_0, batch["label"], beta)
-                # Sum over micro-batches of (sum / batch) = mean over the global batch, whatever the split.
-                (losses.sum() / len(batch_idx)).backward()
-                weight = len(idx) / len(batch_idx)
-                totals["loss"] += float(losses.detach().mean()) * weight
-                for key, value in preference_metrics(rho_1.detach(), rho_0.detach(), batch["label"], beta).items():
-                    totals[key] += value * weight
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
+                mine = idx[dist.shard(len(idx))]
+                # A rank left without pairs (a short last batch) still joins the gradient average, with weight 0.
+                weight = float(len(mine) > 0)
+                batch = {k: v[mine if len(mine) else idx[:1]] for k, v in pairs.items()}
+                # Only the last micro-batch synchronises gradients across ranks.
+                sync = contextlib.nullcontext() if m_start == starts[-1] else accelerator.no_sync(model)
+                with sync:
+                    rho_1, rho_0 = logratios(model, batch)
+                    losses = pseudo_preference_loss(rho_1, rho_0, batch["label"], beta)
+                    # Sum over micro-batches and ranks of (sum / batch) = mean over the global batch, whatever
+                    # the split; x world size because the ranks' gradients are averaged.
+                    accelerator.backward(losses.sum() * (weight * dist.world_size) / len(batch_idx))
+                n = len(mine)
+                metrics = preference_metrics(rho_1.detach(), rho_0.detach(), batch["label"], beta)
+                sums[0] += float(losses.detach().mean()) * n
+                sums[1] += metrics["reward_margin"] * n
+                sums[2] += metrics["label_accuracy"] * n
+            totals = dict(zip(("loss", "reward_margin", "label_accuracy"),
+                              (v / len(batch_idx) for v in dist.sum(sums))))
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            prepared_optimizer.step()
             scheduler.step()
             step += 1
             loss_value = totals["loss"]
@@ -114,15 +146,19 @@ def train_pairs(
                 row = {f"train/{k}": v for k, v in totals.items()}
                 row.update({"train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0]})
                 history.append({"step": step, **row})
-                if log is not None:
+                if log is not None and dist.is_main:
                     log(row, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if (checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                    and dist.is_main):
                 # At an epoch's end the generator already holds the next epoch's starting state.
                 state = generator.get_state() if step % steps_per_epoch == 0 else epoch_state
                 _save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, step, history, state)
     bar.close()
+    # Drop the DDP wrapper (its gradient hooks) so that the next training wraps the policy afresh.
+    del model, prepared_optimizer
+    accelerator.free_memory()
     policy.eval()
     return TrainResult(steps=step, final_loss=loss_value, history=history, pairs_seen=step * cfg.batch_size)
 

@@ -1,0 +1,160 @@
+"""Running one experiment across processes (``accelerate launch`` / ``torchrun``): who computes, who writes.
+
+    accelerate launch --multi_gpu --num_processes 8 run.py experiment=paper          # one node, 8 GPUs
+    accelerate launch --config_file conf/accelerate/fsdp.yaml run.py experiment=paper  # FSDP / DeepSpeed
+    accelerate launch --multi_gpu --num_processes 2 run.py model.device=cpu ...      # 2 CPU processes (gloo)
+
+The rules every rank follows:
+
+* **Every rank runs the same code**, so every rank reaches the same cache lookups in the same order.
+* **Cached stages (samples, scores, log-probabilities) are computed by rank 0 only**: the other ranks wait at a
+  barrier and then read rank 0's published entry from the shared cache (``ArtifactStore`` does this).
+* **Training is collective**: all ranks run the one training loop under ``accelerate``; each rank takes its
+  share of every *global* batch (``trainer.batch_size`` pairs), gradients are averaged, so the update equals
+  a single process's on the same global batch. Only rank 0 publishes the adapter and writes checkpoints.
+* **Only rank 0 writes outputs and talks to trackers**; the other ranks run in a scratch directory with
+  Hydra's own files and logging switched off (``run.py`` does this before Hydra parses the command line).
+
+The state is read from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK); a plain ``python run.py``
+is rank 0 of 1 and none of this costs anything.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Distributed", "current", "launcher_argv", "release", "setup"]
+
+# Rank 0 may sample and score for a long time while the others wait at a barrier; the default 30 minutes of
+# torch.distributed is too short for the paper's 128 samples of 1,000 prompts from a 7B model.
+BARRIER_TIMEOUT = datetime.timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in the launch: rank r of world_size processes (rank 0 of 1 when not launched)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64), e.g. per-rank loss sums into the global batch's."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of n items (the first n mod world_size ranks take one more)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def device(self, configured: str) -> str:
+        """The device this rank uses: ``cuda`` becomes this rank's own GPU, anything else is kept."""
+        if self.enabled and configured.split(":")[0] == "cuda":
+            return f"cuda:{self.local_rank}"
+        return configured
+
+
+def _from_env() -> Distributed:
+    return Distributed(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                       local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+
+
+_state: Distributed | None = None
+
+
+def current() -> Distributed:
+    """The process's distributed state (from the environment until :func:`setup` has run)."""
+    return _state if _state is not None else _from_env()
+
+
+def setup(device: str) -> Distributed:
+    """Join the process group the launcher prepared (gloo on CPUs, NCCL on GPUs), once per process.
+
+    Goes through ``accelerate.PartialState`` so that the user's ``accelerate`` config (FSDP, DeepSpeed, mixed
+    precision) applies to the :class:`accelerate.Accelerator` the training loop builds.
+    """
+    global _state
+    env = _from_env()
+    if env.enabled and not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=device.split(":")[0] == "cpu", timeout=BARRIER_TIMEOUT)
+    _state = env
+    return env
+
+
+def release() -> bool:
+    """End the collective part of a run (training): every rank meets once more, the process group is closed,
+    and rank 0 carries on alone (evaluation, outputs, trackers). Returns whether this process carries on."""
+    global _state
+    dist = current()
+    if not dist.enabled:
+        return True
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    _state = Distributed(rank=dist.rank, world_size=1, local_rank=dist.local_rank)
+    return dist.is_main
+
+
+def launcher_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """The command line Hydra should parse in this process, given the launcher's.
+
+    Two traps of running Hydra under a distributed launcher are handled here:
+
+    * ``python -m torch.distributed.launch`` (the deprecated launcher) appends ``--local_rank=N`` (or
+      ``--local-rank N``), which Hydra would reject as an unknown argument: it is removed and exported as
+      LOCAL_RANK, as torchrun and accelerate do.
+    * Every rank would otherwise resolve ``hydra.run.dir`` (a timestamp: ranks can straddle a second), create
+      it and write ``.hydra/`` and a log there. Ranks other than 0 get a scratch run directory, no Hydra
+      output files and no file logging; rank 0's folder is the run's only output.
+    """
+    environ = os.environ if environ is None else environ
+    out: list[str] = []
+    skip = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+            continue
+        out.append(arg)
+    rank = int(environ.get("RANK", 0))
+    if rank > 0:
+        if any(a in ("-m", "--multirun") for a in out):
+            raise SystemExit("run.py: a multirun cannot be launched under accelerate/torchrun; launch each job "
+                             "with its own `accelerate launch` (hydra/launcher=slurm does, see README)")
+        scratch = os.path.join(tempfile.gettempdir(), "alignment-ranks", f"rank{rank}-{os.getpid()}")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # nothing of a rank > 0 outlives it
+        out += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                "hydra/hydra_logging=disabled"]
+    return out
