@@ -102,6 +102,11 @@ def train_pairs(
     # The scheduler is stepped by hand, once per optimiser step: accelerate's wrapper would step it once per
     # process.
     accelerator = Accelerator(cpu=device.type == "cpu")
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise NotImplementedError(
+            f"accelerate config: distributed_type {accelerator.distributed_type.name} shards the weights or owns "
+            "the optimiser step, and publishing the adapter from it is not implemented; use a data-parallel "
+            "config (conf/accelerate/ddp_8gpu.yaml): LoRA on a 7B policy fits one GPU per rank")
     model, prepared_optimizer = accelerator.prepare(policy, optimizer)
     model.train()
     # disable=None: bars on a terminal, silent in logs and CI; one bar per launch, on rank 0.

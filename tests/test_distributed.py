@@ -77,9 +77,8 @@ def test_two_processes_train_like_one(tmp_path):
     # must train its own adapter and recompute the reference log-probabilities (rank 0 computes, rank 1 waits).
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("adapter", "ref_logprob", "checkpoints", "jobs"))
     accelerate = Path(sys.executable).with_name("accelerate")
-    _run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-          "run.py", *TOY, f"cache_dir={two}", f"hydra.run.dir={tmp_path / 'run2'}"], env)
+    _run([str(accelerate), "launch", "--config_file", "conf/accelerate/ddp_2cpu.yaml", "--main_process_port",
+          str(_free_port()), "run.py", *TOY, f"cache_dir={two}", f"hydra.run.dir={tmp_path / 'run2'}"], env)
 
     s1 = json.loads((tmp_path / "run1" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
