@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from alignment.prompt_sets import csv_rows
 from alignment.store import ArtifactStore
@@ -61,7 +62,9 @@ class Encoder:
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), self.batch_size):
+        # disable=None: a bar on a terminal (fitting the scorers embeds a few thousand texts), silent in logs.
+        for start in tqdm(range(0, len(order), self.batch_size), desc="embedding (MiniLM)", disable=None,
+                          leave=False):
             idx = order[start:start + self.batch_size]
             enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
