@@ -736,12 +736,29 @@ class LanguageStages:
         benign = [p for p, h in zip(self.eval_prompts, flags) if not h]
         task_dir = write_tasks(self.store.root / "lmeval_tasks" / _digest([harmful, benign, cfg.lmeval_max_gen_toks])[:16],
                                harmful, benign, max_gen_toks=cfg.lmeval_max_gen_toks, seed=self.cfg.dataset.seed)
-        handle = self.policy_handle
-        with handle.reference():
-            reference = run_lmeval(handle.model, handle.tokenizer, task_dir, cfg.lmeval_tasks, limit=cfg.lmeval_limit)
-        with self._acting_as(policy):
-            aligned = run_lmeval(handle.model, handle.tokenizer, task_dir, cfg.lmeval_tasks, limit=cfg.lmeval_limit)
-        return summary_entries(aligned, reference)
+        from importlib.metadata import version
+
+        # The task files' contents (data, YAML, metric code): an edit to any of them is a different evaluation.
+        task_digest = _digest([[p.name, p.read_text()] for p in sorted(task_dir.glob("*")) if p.is_file()])
+
+        def results(adapter: TrainedAdapter | None) -> dict[str, float]:
+            """One model's results, cached like any stage: π_ref's are shared by every run on these prompts,
+            and a rerun of a finished run does not evaluate again (lm-eval's generation is greedy)."""
+            spec = {"model": self.model_id, "adapter": adapter and adapter.key, "tasks": list(cfg.lmeval_tasks),
+                    "limit": cfg.lmeval_limit, "task_files": task_digest, "seed": self.cfg.dataset.seed,
+                    "lm_eval": version("lm_eval")}
+
+            def compute(out: Path) -> None:
+                handle = self.policy_handle
+                with self._acting_as(adapter):
+                    found = run_lmeval(handle.model, handle.tokenizer, task_dir, cfg.lmeval_tasks,
+                                       limit=cfg.lmeval_limit)
+                atomic_write_json(out / "results.json", found)
+
+            entry = self.store.get_or_compute("lmeval", spec, compute=compute, version="1")
+            return json.loads((entry.path / "results.json").read_text())
+
+        return summary_entries(results(policy), results(None))
 
     def evaluate(self, policy: TrainedAdapter | None, lam: np.ndarray | None, rng: np.random.Generator,
                  tracker: Any) -> dict[str, Any]:

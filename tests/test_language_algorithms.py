@@ -167,6 +167,12 @@ def test_lmeval_runs_offline_on_reference_and_policy(tiny_lm, tmp_path):
     for prefix in ("lmeval", "lmeval_reference"):
         for key in ("harmful_refusal/refusal_rate", "benign_overrefusal/refusal_rate", "capability_arith/acc"):
             assert 0.0 <= s[f"{prefix}/{key}"] <= 1.0, (prefix, key)
+    assert sum(e.startswith("miss lmeval") for e in s["cache/events"]) == 2  # π_ref and the policy
+    cfg.run_dir = str(tmp_path / "again")
+    again = run_experiment(cfg, progress=False)  # a rerun reads both results from the cache
+    assert sum(e.startswith("hit lmeval") for e in again["cache/events"]) == 2
+    assert {k: v for k, v in again.items() if k.startswith("lmeval")} == {
+        k: v for k, v in s.items() if k.startswith("lmeval")}
 
 
 def test_lmeval_task_files_and_refusal_metric(tmp_path):
