@@ -371,15 +371,26 @@ class ArtifactStore:
             dist.barrier()  # nobody publishes between here and the check, so every rank decides alike
             if self._problem(entry, key) is None:
                 return self._hit(stage, key, entry)
-            if dist.is_main:
-                result = self._get_or_compute(stage, spec, compute, version=version)
-            else:
+            ran: list[bool] = []
+
+            def counted(out: Path) -> None:
+                ran.append(True)
+                compute(out)
+
+            def discarded() -> None:
                 scratch = self._stage_dir(stage) / f".rank{dist.rank}-{key}-{uuid.uuid4().hex[:8]}"
                 scratch.mkdir(parents=True)
                 try:
                     compute(scratch)
                 finally:
                     _remove(scratch)
+
+            if dist.is_main:
+                result = self._get_or_compute(stage, spec, counted, version=version)
+                if not ran:  # another job published it meanwhile; the other ranks still need their partner
+                    discarded()
+            else:
+                discarded()
                 result = CacheResult(path=entry, key=key, hit=False, stage=stage)
             dist.barrier()
             return result if dist.is_main else self._record(result)
