@@ -1,8 +1,10 @@
 """Running one experiment across processes (``accelerate launch`` / ``torchrun``): who computes, who writes.
 
-    accelerate launch --multi_gpu --num_processes 8 run.py experiment=paper          # one node, 8 GPUs
-    accelerate launch --config_file conf/accelerate/fsdp.yaml run.py experiment=paper  # FSDP / DeepSpeed
-    accelerate launch --multi_gpu --num_processes 2 run.py model.device=cpu ...      # 2 CPU processes (gloo)
+    accelerate launch --config_file conf/accelerate/ddp_8gpu.yaml run.py experiment=paper   # one node, 8 GPUs
+    accelerate launch --config_file conf/accelerate/ddp_2cpu.yaml run.py model.device=cpu  # 2 CPU processes
+
+Data-parallel only (DDP): FSDP and DeepSpeed shard the weights or own the optimiser step, and the training
+loop refuses them (see ``alignment/training.py``).
 
 The rules every rank follows:
 
