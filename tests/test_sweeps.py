@@ -147,3 +147,20 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     loaded = load_sweep(tmp_path / "par")
     assert sorted(j.margin for j in loaded.jobs) == [(0.2,), (0.4,)]
     assert (tmp_path / "par" / "report" / "results.csv").exists()  # the report callback ran after the pool
+
+
+def test_submitit_launcher_resumes_completed_jobs(tmp_path):
+    """The Slurm preset's launcher (hydra-submitit-launcher), run locally: each job in its own submitit
+    process; a relaunch into a new folder skips the completed jobs through the registry in the cache."""
+    args = ["-m", *SMALL, "safety.margin=0.2,0.4", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+            "tracker=none"]
+    first = cli([*args, "hydra.sweep.dir=first"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = cli([*args, "hydra.sweep.dir=again"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    done, resumed = load_sweep(tmp_path / "first"), load_sweep(tmp_path / "again")
+    assert sorted(j.margin for j in done.jobs) == [(0.2,), (0.4,)]
+    assert not any(j.summary.get("resumed_from") for j in done.jobs)
+    assert all(j.summary.get("resumed_from") for j in resumed.jobs) and len(resumed.jobs) == 2
+    by_margin = {j.margin: j.summary["eval/safety_gain"] for j in done.jobs}
+    assert {j.margin: j.summary["eval/safety_gain"] for j in resumed.jobs} == by_margin
