@@ -66,8 +66,8 @@ def train_pairs(
     trained policy.
 
     Under a distributed launch (``accelerate launch``, see ``alignment.distributed``) every rank draws the same
-    order and takes its contiguous share of each micro-batch; ``accelerate`` averages the gradients (DDP,
-    FSDP or DeepSpeed from the user's accelerate config), and each rank's loss is scaled by the world size so
+    order and takes its contiguous share of each micro-batch; ``accelerate`` averages the gradients (DDP; FSDP
+    and DeepSpeed configs are refused, see below), and each rank's loss is scaled by the world size so
     that the average is the global batch's mean: the same update as one process, up to float summation
     order. Logged metrics are summed over ranks first, so every rank logs the global batch's numbers.
 
