@@ -159,7 +159,8 @@ def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the causal LM under any peft wrapper takes ``logits_to_keep`` (transformers >= 4.50 models do)."""
+    """Whether the causal LM under any DDP or peft wrapper takes ``logits_to_keep`` (transformers >= 4.50 models do)."""
+    model = getattr(model, "module", model)  # under DDP the wrapper's forward takes **kwargs
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _forward_takes_logits_to_keep(type(base))
 

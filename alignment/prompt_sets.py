@@ -19,6 +19,7 @@ files). Splits are made by the caller with a seed (``split_prompts``) and record
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -137,8 +138,8 @@ def hub_prompt_set(spec: str, store: ArtifactStore) -> PromptSet:
     local = Path(repo).expanduser()
     key_spec = {"repo": repo, "split": split, "column": column, "config": config[0] if config else None}
     if local.is_dir():
-        key_spec["files"] = {str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*"))
-                             if p.is_file()}
+        key_spec["files"] = {str(p.relative_to(local)): hashlib.sha256(p.read_bytes()).hexdigest()
+                             for p in sorted(local.rglob("*")) if p.is_file()}
 
     def compute(out: Path) -> None:
         import datasets

@@ -106,7 +106,7 @@ class VLLMSampler:
         self._adapters: dict[str, int] = {}
 
     def sample(self, prompts: Sequence[str], spec: GenerationSpec, *, seed: int, adapter: Any = None,
-               desc: str = "sampling", progress: bool = True) -> list[list[str]]:
+               progress: bool = True) -> list[list[str]]:
         """[N][K] strings; ``adapter`` is a saved LoRA folder (a trained policy) or None (π_ref)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt

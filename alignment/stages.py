@@ -264,6 +264,7 @@ class LanguageStages:
         self._policy = None
         self._initial_adapter: dict[str, torch.Tensor] | None = None
         self._active: str | None = None  # key of the adapter whose weights the model holds
+        self._vllm_sampler: Any = None  # sampling.backend=vllm: the engine, built on first use
         self.texts: list[str] = []  # flat table of generated responses; response ids index into it
         self.compute = ComputeMeter()
 
@@ -449,8 +450,7 @@ class LanguageStages:
 
         def compute(out: Path) -> None:
             if s.backend == "vllm":
-                responses = self._vllm().sample(prompts, gen, seed=seed, adapter=adapter and adapter.path,
-                                                desc=stage)
+                responses = self._vllm().sample(prompts, gen, seed=seed, adapter=adapter and adapter.path)
             else:
                 handle = self.policy_handle
                 responses = sample_responses(handle.model, handle.tokenizer, prompts, gen, seed=seed, desc=stage)
@@ -463,7 +463,7 @@ class LanguageStages:
 
     def _vllm(self) -> Any:
         """The vLLM engine over the policy's model folder, built on first use (rank 0 only: sampling is)."""
-        if getattr(self, "_vllm_sampler", None) is None:
+        if self._vllm_sampler is None:
             from alignment.sampling import VLLMSampler
 
             m = self.model_cfg
