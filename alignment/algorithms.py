@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignment import distributed
 from alignment.config import AlgorithmConfig, Config
 from alignment.dual import BootstrapResult, DualSolution, bootstrap, solve_dual
 from alignment.multiplier import LagrangeMultiplier
@@ -249,7 +250,10 @@ def safe_rlhf(ctx: AlignmentContext) -> Outcome:
     cfg = ctx.cfg
     sr = cfg.algorithm.safe_rlhf
     ref_safety = reference_means(ctx.safety, ctx.ref_logprob)  # [N, m]
-    spec = {"safe_rlhf": asdict(sr), "beta": cfg.algorithm.beta, "margins": ctx.margins.tolist(),
+    # The rollouts come from one generator per rank (safe_rlhf_train): the trained policy depends on the
+    # number of processes, unlike stage 2's, so it is part of the key.
+    rollouts = {"version": 2, "processes": distributed.current().world_size}
+    spec = {"safe_rlhf": asdict(sr), "rollouts": rollouts, "beta": cfg.algorithm.beta, "margins": ctx.margins.tolist(),
             "ref_safety": np.round(ref_safety, 12).tolist(), "tolerance": cfg.eval.tolerance}
 
     def run(policy: Any, work: Any) -> dict[str, Any]:

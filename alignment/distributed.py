@@ -3,8 +3,9 @@
     accelerate launch --config_file conf/accelerate/ddp_8gpu.yaml run.py experiment=paper   # one node, 8 GPUs
     accelerate launch --config_file conf/accelerate/ddp_2cpu.yaml run.py model.device=cpu  # 2 CPU processes
 
-Data-parallel only (DDP): FSDP and DeepSpeed shard the weights or own the optimiser step, and the training
-loop refuses them (see ``alignment/training.py``).
+    accelerate launch --config_file conf/accelerate/zero2_8gpu.yaml run.py ...  # DeepSpeed ZeRO-2 (also fsdp_*)
+
+How the training loop works under DDP, FSDP and DeepSpeed ZeRO: ``alignment/engines.py``.
 
 The rules every rank follows:
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Distributed", "current", "launcher_argv", "release", "setup"]
+__all__ = ["Distributed", "accelerate_cpu", "current", "engine_from_env", "launcher_argv", "release", "setup"]
 
 # Rank 0 may sample and score for a long time while the others wait at a barrier; the default 30 minutes of
 # torch.distributed is too short for the paper's 128 samples of 1,000 prompts from a 7B model.
@@ -93,18 +94,52 @@ def current() -> Distributed:
     return _state if _state is not None else _from_env()
 
 
+def engine_from_env(environ: dict[str, str] | None = None) -> str:
+    """The engine ``accelerate launch`` was configured with: ``fsdp``, ``deepspeed`` or ``ddp``."""
+    environ = os.environ if environ is None else environ
+    for name, flag in (("fsdp", "ACCELERATE_USE_FSDP"), ("deepspeed", "ACCELERATE_USE_DEEPSPEED")):
+        if environ.get(flag, "false").lower() == "true":
+            return name
+    return "ddp"
+
+
+def accelerate_cpu(device_type: str) -> bool:
+    """The ``cpu`` flag for ``accelerate``'s state: True for CPU processes, except where FSDP or DeepSpeed run
+    on CPUs (see :func:`setup`), which accelerate only drives as a non-CPU launch."""
+    return device_type == "cpu" and not (current().enabled and engine_from_env() != "ddp")
+
+
 def setup(device: str) -> Distributed:
     """Join the process group the launcher prepared (gloo on CPUs, NCCL on GPUs), once per process.
 
-    Goes through ``accelerate.PartialState`` so that the user's ``accelerate`` config (FSDP, DeepSpeed, mixed
-    precision) applies to the :class:`accelerate.Accelerator` the training loop builds.
+    Goes through ``accelerate.PartialState`` so that the user's ``accelerate`` config (DDP, FSDP, DeepSpeed)
+    applies to the :class:`accelerate.Accelerator` the training loop builds.
+
+    On CPUs, accelerate treats a launch as MPI-style multi-CPU and would ignore an FSDP or DeepSpeed config.
+    Both engines run over gloo on CPUs (that is how ``tests/test_distributed.py`` checks them), so such a launch
+    joins gloo as a non-CPU launch, and for FSDP is labelled multi-device so that accelerate applies the
+    config. GPU launches are untouched.
     """
     global _state
     env = _from_env()
     if env.enabled and not torch.distributed.is_initialized():
         from accelerate import PartialState
+        from accelerate.utils import DistributedType
 
-        PartialState(cpu=device.split(":")[0] == "cpu", timeout=BARRIER_TIMEOUT)
+        engine = engine_from_env()
+        if device.split(":")[0] == "cpu" and engine != "ddp":
+            if engine == "deepspeed":
+                import deepspeed.ops
+
+                # DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce kernel on first use
+                # (90 s on 2 cores, and a C++ compiler); gloo does the same job for training's reductions.
+                # DeepSpeed keeps this table for the process precisely so that such edits persist.
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            state = PartialState(cpu=False, backend="gloo", timeout=BARRIER_TIMEOUT)
+            if engine == "fsdp":
+                state.distributed_type = DistributedType.MULTI_GPU
+        else:
+            PartialState(cpu=device.split(":")[0] == "cpu", timeout=BARRIER_TIMEOUT)
     _state = env
     return env
 

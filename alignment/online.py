@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from alignment import distributed, engines
 from alignment.config import SafeRLHFConfig
 from alignment.multiplier import LagrangeMultiplier
 
@@ -61,46 +62,75 @@ def safe_rlhf_train(world: Any, policy: nn.Module, *, cfg: SafeRLHFConfig, beta:
                     ref_safety: np.ndarray, seed: int, tolerance: float,
                     log: Callable[[dict[str, Any], int], None] | None = None,
                     progress: bool = True) -> OnlineResult:
-    """Train ``policy`` (at π_ref on entry) in place; ``ref_safety`` [N, m] is E_ref g per dual prompt."""
+    """Train ``policy`` (at π_ref on entry) in place; ``ref_safety`` [N, m] is E_ref g per dual prompt.
+
+    Under a distributed launch each rank samples, scores and differentiates its share of every step's B prompts
+    (the expensive part: generation), the engine of the accelerate config averages the gradients
+    (``alignment.engines``), and the batch statistics (slack, reward, KL, loss) are summed over ranks, so every
+    rank updates the multiplier alike. The step's prompts come from a generator every rank shares (``seed``),
+    the rollouts from one per rank: the same seed and number of processes give the same run.
+    """
     n, m = ref_safety.shape
-    generator = torch.Generator().manual_seed(seed)
-    multiplier = LagrangeMultiplier(cfg.multiplier, m)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    result = OnlineResult(lam=multiplier.value.copy())
+    dist = distributed.current()
     k, batch = cfg.samples_per_prompt, min(cfg.prompts_per_step, n)
-    for step in tqdm(range(1, cfg.steps + 1), desc="safe_rlhf", disable=None if progress else True, leave=False):
-        rows = torch.randperm(n, generator=generator)[:batch].numpy()
-        policy.eval()
+    if batch < dist.world_size:
+        raise ValueError(f"algorithm.safe_rlhf.prompts_per_step: {batch} prompts per step cannot be shared by "
+                         f"{dist.world_size} processes; raise it to at least {dist.world_size}")
+    prompt_order = torch.Generator().manual_seed(seed)
+    rollouts = torch.Generator().manual_seed(seed * 1_000_003 + dist.rank)
+    multiplier = LagrangeMultiplier(cfg.multiplier, m)
+    engine = engines.start(policy, lr=cfg.lr, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm,
+                           micro_batch=batch, grad_accum=1)
+    trainee, model = engine.trainee, engine.model
+    result = OnlineResult(lam=multiplier.value.copy())
+    bar = tqdm(range(1, cfg.steps + 1), desc="safe_rlhf", disable=None if progress and dist.is_main else True,
+               leave=False)
+    for step in bar:
+        rows = torch.randperm(n, generator=prompt_order)[:batch].numpy()
+        mine = rows[dist.shard(batch)]
+        trainee.eval()
         with torch.no_grad():
-            responses = world.rollout(policy, rows, k, generator)
-            old_logp = world.rollout_logprob(policy, rows, responses)
-            ref_logp = world.rollout_ref_logprob(policy, rows, responses)
-        reward, safety = world.rollout_scores(rows, responses)  # [B, k], [B, k, m]
+            # Sampling and the old log-probabilities use the trained module itself, outside the engine's wrapper
+            # (no gradients to synchronise); π_ref is the caller's policy with its adapter switched off, which under
+            # weight-sharding engines is not the module being trained.
+            responses = world.rollout(trainee, mine, k, rollouts)
+            old_logp = world.rollout_logprob(trainee, mine, responses)
+            ref_logp = world.rollout_ref_logprob(policy, mine, responses)
+        reward, safety = world.rollout_scores(mine, responses)  # [b, k], [b, k, m]
         reward_t = torch.as_tensor(reward, dtype=old_logp.dtype)
         safety_t = torch.as_tensor(safety, dtype=old_logp.dtype)
         lam = torch.as_tensor(multiplier.value, dtype=old_logp.dtype)
         kl = old_logp - ref_logp
         shaped = reward_t - beta * kl
         advantages = (leave_one_out(shaped) + leave_one_out(safety_t) @ lam) / (1 + lam.sum())
-        policy.train()
+        trainee.train()
         for _ in range(cfg.ppo_epochs):
-            logp = world.rollout_logprob(policy, rows, responses)
-            loss = clipped_policy_loss(logp, old_logp, advantages, cfg.clip_range)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-        slack = safety.mean(axis=(0, 1)) - ref_safety[rows].mean(axis=0) - margins
+            engine.zero_grad()
+            with engine.accumulating(last=True):
+                logp = world.rollout_logprob(model, mine, responses)
+                loss = clipped_policy_loss(logp, old_logp, advantages, cfg.clip_range)
+                # The mean over this rank's b prompts, weighted into the mean over all B (x world size: the
+                # engine averages the ranks' gradients).
+                engine.backward(loss * (len(mine) * dist.world_size / batch), last=True)
+            engine.step()
+        # Sums over this rank's responses, then over ranks: [reward, KL, loss x b, safety_1..m].
+        local = [float(reward.sum()), float(kl.sum()), float(loss.detach()) * len(mine),
+                 *safety.sum(axis=(0, 1)).tolist()]
+        totals = dist.sum(local)
+        mean_safety = np.asarray(totals[3:]) / (batch * k)
+        slack = mean_safety - ref_safety[rows].mean(axis=0) - margins
         if result.first_feasible_step is None and np.all(slack >= -tolerance):
             result.first_feasible_step = step
-        row = {"lambda": multiplier.value.tolist(), "slack": slack.tolist(), "reward": float(reward.mean()),
-               "kl": float(kl.mean()), "loss": float(loss.detach())}
+        row = {"lambda": multiplier.value.tolist(), "slack": slack.tolist(), "reward": totals[0] / (batch * k),
+               "kl": totals[1] / (batch * k), "loss": totals[2] / batch}
         multiplier.update(slack)
         result.history.append({"step": step, **row})
-        if log is not None:
+        if log is not None and dist.is_main:
             log({"train/lambda": float(row["lambda"][0]), "train/slack": float(slack[0]),
                  "train/reward": row["reward"], "train/kl": row["kl"], "train/loss": row["loss"]}, step)
+    bar.close()
+    del model, trainee
+    engine.finish()
     policy.eval()
     result.lam = multiplier.value.copy()
     return result

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignment import distributed
 from alignment.compute import ComputeMeter
 from alignment.config import Config, HFModelConfig, ToyModelConfig
 from alignment.dual import tilted_weights
@@ -618,6 +619,7 @@ class LanguageStages:
             self._set_adapter("initial", self._initial_adapter)
             before = self.compute.snapshot()
             info = run(model, self.store.root / "checkpoints" / key)
+            self._count_all_ranks(before)
             model.save_pretrained(str(out))
             self._active = key
             atomic_write_json(out / "train.json", {**info, "compute": self.compute.since(before)})
@@ -633,6 +635,15 @@ class LanguageStages:
         self.policy_handle.model.eval()
         info = {k: v for k, v in saved.items() if k not in ("history", "compute")}
         return adapter, {**info, "train/cached": result.hit, "train/adapter": str(result.path)}
+
+    def _count_all_ranks(self, before: dict[str, int]) -> None:
+        """After a collective training: the work every rank did since ``before`` (each counted its own share of
+        the batches and rollouts) becomes this rank's count, so a run reports the same compute on any number of
+        processes. ``training_runs`` counts trainings, not ranks, and is kept."""
+        spent = self.compute.since(before)
+        names = [name for name in spent if name != "training_runs"]
+        totals = distributed.current().sum([float(spent[name]) for name in names])
+        self.compute.add(**{name: round(total) - spent[name] for name, total in zip(names, totals)})
 
     def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool
               ) -> tuple[TrainedAdapter, dict[str, Any]]:

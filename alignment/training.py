@@ -7,7 +7,7 @@ fixed λ, DPO on one objective) and in how a policy computes log-ratios for a ba
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -19,9 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from alignment import distributed
+from alignment import distributed, engines
 from alignment.config import TrainerConfig
 from alignment.losses import preference_metrics, pseudo_preference_loss
+
+logger = logging.getLogger(__name__)
 
 # (policy, batch) -> (ρ(y1), ρ(y0)), each [B], with ρ = log π_θ - log π_ref.
 LogRatios = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -66,17 +68,16 @@ def train_pairs(
     trained policy.
 
     Under a distributed launch (``accelerate launch``, see ``alignment.distributed``) every rank draws the same
-    order and takes its contiguous share of each micro-batch; ``accelerate`` averages the gradients (DDP; FSDP
-    and DeepSpeed configs are refused, see below), and each rank's loss is scaled by the world size so
-    that the average is the global batch's mean: the same update as one process, up to float summation
-    order. Logged metrics are summed over ranks first, so every rank logs the global batch's numbers.
+    order and takes its contiguous share of each micro-batch; the engine of the user's accelerate config (DDP,
+    FSDP or DeepSpeed ZeRO: ``alignment.engines``) averages the gradients, and each rank's loss is scaled by the
+    world size so that the average is the global batch's mean: the same update as one process, up to float
+    summation order. Logged metrics are summed over ranks first, so every rank logs the global batch's numbers.
 
     With ``checkpoint_dir`` and ``cfg.checkpoint_every > 0``, the trainable weights, optimiser, scheduler and
     data order are saved every ``checkpoint_every`` steps (atomically, by rank 0); a rerun with the same
-    arguments resumes from the last checkpoint and ends with the same weights as an uninterrupted run.
+    arguments resumes from the last checkpoint and ends with the same weights as an uninterrupted run. (Single
+    process and DDP only: FSDP and ZeRO shard the optimiser state, and train without checkpoints.)
     """
-    from accelerate import Accelerator
-
     n_pairs = int(pairs["label"].shape[0])
     if n_pairs == 0:
         raise ValueError("train_pairs: no pairs to train on")
@@ -86,28 +87,26 @@ def train_pairs(
         raise ValueError(f"trainer.batch_size: {cfg.batch_size} pairs in {cfg.grad_accum} micro-batches leaves "
                          f"fewer than one pair per process ({dist.world_size} processes); raise batch_size "
                          "(it is global) or lower grad_accum")
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine = engines.start(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                           micro_batch=micro, grad_accum=cfg.grad_accum)
+    if checkpoint_dir is not None and not engine.saves_checkpoints:
+        # conf/trainer/lora.yaml checkpoints by default; an error would make every sharded launch override it.
+        logger.warning("trainer.checkpoint_every: not under %s (it shards the optimiser state): this training "
+                       "is not checkpointed, and a killed run retrains it from the start", engine.kind)
+        checkpoint_dir = None
     steps_per_epoch = math.ceil(n_pairs / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+    # The scheduler is stepped by hand, once per optimiser step (accelerate's wrapper would step it once per
+    # process); it sets the learning rate every engine's step reads.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, _schedule(cfg, total))
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     step, loss_value = 0, float("nan")
-    resume = _load_checkpoint(checkpoint_dir, policy, optimizer, scheduler)
+    resume = _load_checkpoint(checkpoint_dir, engine.trainee, engine.optimizer, scheduler)
     if resume is not None:
         step, history = resume["step"], resume["history"]
         generator.set_state(resume["generator"])
-    device = next(policy.parameters()).device
-    # The scheduler is stepped by hand, once per optimiser step: accelerate's wrapper would step it once per
-    # process.
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise NotImplementedError(
-            f"accelerate config: distributed_type {accelerator.distributed_type.name} shards the weights or owns "
-            "the optimiser step, and publishing the adapter from it is not implemented; use a data-parallel "
-            "config (conf/accelerate/ddp_8gpu.yaml): LoRA on a 7B policy fits one GPU per rank")
-    model, prepared_optimizer = accelerator.prepare(policy, optimizer)
+    model = engine.model
     model.train()
     # disable=None: bars on a terminal, silent in logs and CI; one bar per launch, on rank 0.
     bar = tqdm(total=total, initial=step, desc="stage 2", disable=None if progress and dist.is_main else True,
@@ -118,7 +117,7 @@ def train_pairs(
         first = (step - epoch * steps_per_epoch) * cfg.batch_size if epoch == step // steps_per_epoch else 0
         for start in range(first, n_pairs, cfg.batch_size):
             batch_idx = order[start:start + cfg.batch_size]
-            prepared_optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
             sums = [0.0, 0.0, 0.0]  # loss, reward margin, label accuracy, summed over the global batch's pairs
             starts = range(0, len(batch_idx), micro)
             for m_start in starts:
@@ -127,14 +126,13 @@ def train_pairs(
                 # A rank left without pairs (a short last batch) still joins the gradient average, with weight 0.
                 weight = float(len(mine) > 0)
                 batch = {k: v[mine if len(mine) else idx[:1]] for k, v in pairs.items()}
-                # Only the last micro-batch synchronises gradients across ranks.
-                sync = contextlib.nullcontext() if m_start == starts[-1] else accelerator.no_sync(model)
-                with sync:
+                last = m_start == starts[-1]  # only the last micro-batch reduces gradients across ranks
+                with engine.accumulating(last):
                     rho_1, rho_0 = logratios(model, batch)
                     losses = pseudo_preference_loss(rho_1, rho_0, batch["label"], beta)
                     # Sum over micro-batches and ranks of (sum / batch) = mean over the global batch, whatever
                     # the split; x world size because the ranks' gradients are averaged.
-                    accelerator.backward(losses.sum() * (weight * dist.world_size) / len(batch_idx))
+                    engine.backward(losses.sum() * (weight * dist.world_size) / len(batch_idx), last)
                 n = len(mine)
                 metrics = preference_metrics(rho_1.detach(), rho_0.detach(), batch["label"], beta)
                 sums[0] += float(losses.detach().mean()) * n
@@ -142,8 +140,7 @@ def train_pairs(
                 sums[2] += metrics["label_accuracy"] * n
             totals = dict(zip(("loss", "reward_margin", "label_accuracy"),
                               (v / len(batch_idx) for v in dist.sum(sums))))
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-            prepared_optimizer.step()
+            grad_norm = engine.step()
             scheduler.step()
             step += 1
             loss_value = totals["loss"]
@@ -159,11 +156,10 @@ def train_pairs(
                     and dist.is_main):
                 # At an epoch's end the generator already holds the next epoch's starting state.
                 state = generator.get_state() if step % steps_per_epoch == 0 else epoch_state
-                _save_checkpoint(checkpoint_dir, policy, optimizer, scheduler, step, history, state)
+                _save_checkpoint(checkpoint_dir, policy, engine.optimizer, scheduler, step, history, state)
     bar.close()
-    # Drop the DDP wrapper (its gradient hooks) so that the next training wraps the policy afresh.
-    del model, prepared_optimizer
-    accelerator.free_memory()
+    del model
+    engine.finish()
     policy.eval()
     return TrainResult(steps=step, final_loss=loss_value, history=history, pairs_seen=step * cfg.batch_size)
 
