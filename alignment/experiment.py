@@ -161,6 +161,9 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     resolved = resolved_config if resolved_config is not None else asdict(cfg)
     # Under accelerate/torchrun: every rank runs this function; ranks > 0 write only to a scratch run_dir
     # (see run.py) and never to a tracker, and they stop once the algorithm's training is done.
+    if distributed.current().enabled and cfg.dataset.kind == "tabular":
+        raise ValueError("dataset=tabular: the tabular world runs in seconds in one process and its table policy "
+                         "has no distributed form; run it with `python run.py`, not under accelerate/torchrun")
     dist = distributed.setup(getattr(cfg.model, "device", "cpu"))
     seed_everything(cfg.seed)
     info = run_info(cfg.seed)

@@ -142,3 +142,26 @@ def test_mixed_precision_from_the_accelerate_config_is_refused():
                           env={**ENV, "ACCELERATE_MIXED_PRECISION": "bf16"})
     assert done.returncode != 0
     assert "mixed_precision 'bf16'; set it to 'no'" in done.stderr
+
+
+def test_safe_rlhf_shares_each_steps_rollouts_between_processes(single_process, tmp_path):
+    """The online baseline under 2 processes: each rank samples, scores and differentiates half of every step's
+    prompts; the multiplier moves on the global batch's slack, and the compute counts are the whole job's."""
+    two = tmp_path / "cache2"
+    shutil.copytree(single_process / "cache", two, ignore=shutil.ignore_patterns("adapter", "checkpoints", "jobs"))
+    steps, prompts, k = 4, 6, 4
+    online = ["algorithm=safe_rlhf", "safety.margin=0.3", f"algorithm.safe_rlhf.steps={steps}",
+              f"algorithm.safe_rlhf.prompts_per_step={prompts}", f"algorithm.safe_rlhf.samples_per_prompt={k}"]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    _run([str(accelerate), "launch", "--config_file", "conf/accelerate/ddp_2cpu.yaml", "--main_process_port",
+          str(_free_port()), "run.py", *TOY, *online, f"cache_dir={two}", f"hydra.run.dir={tmp_path / 'run2'}"],
+         {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"})
+    s1 = json.loads((single_process / "run" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    history = s2["safe_rlhf/history"]
+    assert len(history) == steps and history[0]["lambda"] == [1.0]
+    assert len({h["lambda"][0] for h in history}) == steps  # the multiplier moved every step
+    # π_ref's samples (as in the mocan run) plus every rollout of both ranks: steps x prompts x k.
+    assert s2["compute/policy_samples"] == s1["compute/policy_samples"] + steps * prompts * k
+    assert s2["compute/scorer_calls"] == s1["compute/scorer_calls"] + steps * prompts * k
+    assert s2["compute/training_runs"] == 1
