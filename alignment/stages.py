@@ -447,7 +447,7 @@ class LanguageStages:
         spec = {"model": self.model_id, "adapter": adapter and adapter.key, "prompts": _digest(prompts),
                 "gen": asdict(gen), "seed": seed, **spec_extra}
         if s.backend != "hf":  # hf keys stay as they were; other engines draw other (equally valid) samples
-            spec["backend"] = s.backend
+            spec.update(backend=s.backend, engine_args=dict(s.vllm_engine_args))
 
         def compute(out: Path) -> None:
             if s.backend == "vllm":
@@ -471,7 +471,8 @@ class LanguageStages:
             self._vllm_sampler = VLLMSampler(m.name_or_path, self.policy_handle.tokenizer,
                                              max_lora_rank=m.lora.r if m.lora else 16,
                                              dtype="auto" if m.dtype == "float32" else m.dtype,
-                                             max_model_len=m.max_length)
+                                             max_model_len=m.max_length,
+                                             engine_args=dict(self.cfg.sampling.vllm_engine_args))
         return self._vllm_sampler
 
     def _register(self, responses: list[list[str]]) -> np.ndarray:
