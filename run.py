@@ -5,6 +5,7 @@
     python run.py -m safety.margin=0.1,0.3,0.5     # a sweep, one output folder per job
     python run.py sweeps=margins                   # a named sweep from sweeps/ (resumable)
     accelerate launch --multi_gpu --num_processes 8 run.py experiment=paper   # training on 8 processes
+    python run.py -m ... hydra/launcher=slurm hydra.launcher.tasks_per_node=8   # 8 ranks per Slurm job
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ register_configs()
 def main(dcfg: DictConfig) -> None:
     context = hydra_run_context()
     dcfg.run_dir = context["output_dir"]
+    if distributed.adopt_job_tasks() and distributed.current().rank > 0:
+        # The tasks of a multi-task Slurm job share Hydra's job folder; it is rank 0's alone.
+        dcfg.run_dir = distributed.scratch_run_dir(distributed.current().rank)
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     cfg: Config = OmegaConf.to_object(dcfg)
     if context["multirun"]:

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Distributed", "accelerate_cpu", "current", "engine_from_env", "launcher_argv", "release", "setup"]
+__all__ = ["Distributed", "accelerate_cpu", "adopt_job_tasks", "current", "engine_from_env", "launcher_argv",
+           "release", "scratch_run_dir", "setup"]
 
 # Rank 0 may sample and score for a long time while the others wait at a barrier; the default 30 minutes of
 # torch.distributed is too short for the paper's 128 samples of 1,000 prompts from a 7B model.
@@ -158,6 +159,42 @@ def release() -> bool:
     return dist.is_main
 
 
+def adopt_job_tasks(environ: dict[str, str] | None = None) -> bool:
+    """Under a scheduler job of several tasks (Slurm through hydra-submitit-launcher with
+    ``hydra.launcher.tasks_per_node`` > 1, or its local twin), make the tasks the ranks of one launch.
+
+    submitit runs the Hydra job in every task but sets no torch variables; its
+    ``TorchDistributedEnvironment`` exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the
+    job's own. A launch that already set RANK (accelerate, torchrun) is left alone. Returns whether this
+    process became a rank of a multi-task job (the tasks share one Hydra output folder: see ``run.py``).
+    """
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ:
+        return False
+    try:
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return False
+    try:
+        tasks = JobEnvironment().num_tasks
+    except RuntimeError:  # not inside a submitit job
+        return False
+    if tasks <= 1:
+        return False
+    # CUDA_VISIBLE_DEVICES is left as the scheduler set it; ranks pick cuda:LOCAL_RANK (Distributed.device).
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
+def scratch_run_dir(rank: int) -> str:
+    """A private run folder for a rank > 0, deleted when the process exits: its outputs are rank 0's."""
+    scratch = os.path.join(tempfile.gettempdir(), "alignment-ranks", f"rank{rank}-{os.getpid()}")
+    os.makedirs(scratch, exist_ok=True)
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # nothing of a rank > 0 outlives it
+    return scratch
+
+
 def launcher_argv(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
     """The command line Hydra should parse in this process, given the launcher's.
 
@@ -190,8 +227,7 @@ def launcher_argv(argv: list[str], environ: dict[str, str] | None = None) -> lis
         if any(a in ("-m", "--multirun") for a in out):
             raise SystemExit("run.py: a multirun cannot be launched under accelerate/torchrun; launch each job "
                              "with its own `accelerate launch` (hydra/launcher=slurm does, see README)")
-        scratch = os.path.join(tempfile.gettempdir(), "alignment-ranks", f"rank{rank}-{os.getpid()}")
-        atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # nothing of a rank > 0 outlives it
+        scratch = scratch_run_dir(rank)
         out += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                 "hydra/hydra_logging=disabled"]
     return out

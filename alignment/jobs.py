@@ -89,19 +89,24 @@ def reuse(previous: Path, run_dir: Path) -> dict[str, Any]:
 def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None) -> dict[str, Any] | None:
     """One job of a multirun: skipped (outputs reused) when an identical job completed before; otherwise run,
     with a failure recorded and logged instead of raised, so the sweep goes on and reports it at the end."""
+    from alignment import distributed
     from alignment.experiment import run_experiment
 
     registry, key = JobRegistry(cfg.cache_dir), job_key(resolved)
     run_dir = Path(cfg.run_dir or ".")
+    main = distributed.current().is_main  # the ranks of a multi-task job decide alike; rank 0 keeps the books
     previous = registry.completed_run(key)
     if previous is not None:
         log.info("job %s completed before in %s: reusing its outputs", key[:12], previous)
-        return reuse(previous, run_dir)
+        return reuse(previous, run_dir) if main else None
     try:
         summary = run_experiment(cfg, resolved_config=resolved, group=group)
     except Exception:
+        if not main:
+            raise  # a rank's failure must end its task, so that the scheduler stops the job's other ranks
         log.exception("job failed (outputs in %s); the sweep continues and reports failures at the end", run_dir)
         registry.record(key, run_dir, "failed")
         return None
-    registry.record(key, run_dir, "completed")
+    if main:
+        registry.record(key, run_dir, "completed")
     return summary

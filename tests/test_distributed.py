@@ -165,3 +165,24 @@ def test_safe_rlhf_shares_each_steps_rollouts_between_processes(single_process, 
     assert s2["compute/policy_samples"] == s1["compute/policy_samples"] + steps * prompts * k
     assert s2["compute/scorer_calls"] == s1["compute/scorer_calls"] + steps * prompts * k
     assert s2["compute/training_runs"] == 1
+
+
+def test_slurm_job_tasks_train_as_ranks(single_process, tmp_path):
+    """The Slurm preset with tasks_per_node=2 (hydra-submitit-launcher, run locally): the job's two tasks
+    become the ranks of one launch (submitit's torch environment) and train like one process; a relaunch
+    skips the completed job on both ranks."""
+    cache = tmp_path / "cache"
+    shutil.copytree(single_process / "cache", cache,
+                    ignore=shutil.ignore_patterns("adapter", "ref_logprob", "checkpoints", "jobs", "eval_samples"))
+    args = [sys.executable, str(ROOT / "run.py"), "-m", *TOY, f"cache_dir={cache}", "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10"]
+    _run([*args, f"hydra.sweep.dir={tmp_path / 'first'}"], ENV)
+    job = tmp_path / "first" / "0"
+    info = json.loads((job / "run_info.json").read_text())
+    assert info["distributed"] == {"world_size": 2, "rank": 0}
+    l1, l2 = _losses(single_process / "run"), _losses(job)
+    assert len(l2) == 8 and max(abs(a - b) for a, b in zip(l1, l2)) < ENGINES["ddp"][0]
+    assert len(list((cache / "jobs").glob("*.json"))) == 1  # rank 0 alone keeps the registry
+    _run([*args, f"hydra.sweep.dir={tmp_path / 'again'}"], ENV)
+    again = json.loads((tmp_path / "again" / "0" / "summary.json").read_text())
+    assert again["resumed_from"] == str(job.resolve())
