@@ -113,14 +113,19 @@ class Engine:
         self.prepared_optimizer.step()
         return float(norm)
 
-    def finish(self) -> None:
-        """Leave the trained weights in ``policy`` (every rank) and release the engine: its hooks, buffers and
-        wrappers, so that the next training wraps the policy afresh."""
+    def sync_policy(self) -> None:
+        """Bring ``policy`` up to date with the training (every rank must call it: under FSDP and ZeRO-3 the
+        trained weights are gathered from the shards; otherwise the engine trains the policy itself)."""
         if self.shards_weights:
             trained = self._gather_trainable()
             with torch.no_grad():
                 for name, value in trained.items():
                     self.policy.get_parameter(name).copy_(value)
+
+    def finish(self) -> None:
+        """Leave the trained weights in ``policy`` (every rank) and release the engine: its hooks, buffers and
+        wrappers, so that the next training wraps the policy afresh."""
+        self.sync_policy()
         # Drop our references first: free_memory releases accelerate's, and DeepSpeed's engine is destroyed.
         self.model = self.prepared_optimizer = self.trainee = None  # type: ignore[assignment]
         self.accelerator.free_memory()

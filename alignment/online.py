@@ -88,13 +88,14 @@ def safe_rlhf_train(world: Any, policy: nn.Module, *, cfg: SafeRLHFConfig, beta:
     for step in bar:
         rows = torch.randperm(n, generator=prompt_order)[:batch].numpy()
         mine = rows[dist.shard(batch)]
-        trainee.eval()
+        # Rollouts and old log-probabilities come from the whole, unwrapped policy, brought up to date with the
+        # training (under FSDP and ZeRO-3 the trained module is in shards, which generate() cannot run on);
+        # π_ref is the same policy with its adapter switched off.
+        engine.sync_policy()
+        policy.eval()
         with torch.no_grad():
-            # Sampling and the old log-probabilities use the trained module itself, outside the engine's wrapper
-            # (no gradients to synchronise); π_ref is the caller's policy with its adapter switched off, which under
-            # weight-sharding engines is not the module being trained.
-            responses = world.rollout(trainee, mine, k, rollouts)
-            old_logp = world.rollout_logprob(trainee, mine, responses)
+            responses = world.rollout(policy, mine, k, rollouts)
+            old_logp = world.rollout_logprob(policy, mine, responses)
             ref_logp = world.rollout_ref_logprob(policy, mine, responses)
         reward, safety = world.rollout_scores(mine, responses)  # [b, k], [b, k, m]
         reward_t = torch.as_tensor(reward, dtype=old_logp.dtype)
