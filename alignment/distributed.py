@@ -104,10 +104,14 @@ def engine_from_env(environ: dict[str, str] | None = None) -> str:
     return "ddp"
 
 
+def _sharded_engine_on_cpu(device_type: str) -> bool:
+    return device_type == "cpu" and engine_from_env() != "ddp"
+
+
 def accelerate_cpu(device_type: str) -> bool:
     """The ``cpu`` flag for ``accelerate``'s state: True for CPU processes, except where FSDP or DeepSpeed run
     on CPUs (see :func:`setup`), which accelerate only drives as a non-CPU launch."""
-    return device_type == "cpu" and not (current().enabled and engine_from_env() != "ddp")
+    return device_type == "cpu" and not (current().enabled and _sharded_engine_on_cpu(device_type))
 
 
 def setup(device: str) -> Distributed:
@@ -127,8 +131,8 @@ def setup(device: str) -> Distributed:
         from accelerate import PartialState
         from accelerate.utils import DistributedType
 
-        engine = engine_from_env()
-        if device.split(":")[0] == "cpu" and engine != "ddp":
+        engine, device_type = engine_from_env(), device.split(":")[0]
+        if _sharded_engine_on_cpu(device_type):
             if engine == "deepspeed":
                 import deepspeed.ops
 
@@ -140,7 +144,7 @@ def setup(device: str) -> Distributed:
             if engine == "fsdp":
                 state.distributed_type = DistributedType.MULTI_GPU
         else:
-            PartialState(cpu=device.split(":")[0] == "cpu", timeout=BARRIER_TIMEOUT)
+            PartialState(cpu=device_type == "cpu", timeout=BARRIER_TIMEOUT)
     _state = env
     return env
 

@@ -69,12 +69,8 @@ class Engine:
     max_grad_norm: float
 
     @property
-    def zero_stage(self) -> int:
-        return int(self.accelerator.state.deepspeed_plugin.zero_stage) if self.kind == DEEPSPEED else 0
-
-    @property
     def shards_weights(self) -> bool:
-        return self.kind == FSDP or self.zero_stage == 3
+        return _shards_weights(self.kind, self.accelerator)
 
     @property
     def saves_checkpoints(self) -> bool:
@@ -146,6 +142,11 @@ class Engine:
             return {name: p.detach().clone() for name, p in named}
 
 
+def _shards_weights(kind: str, accelerator: Any) -> bool:
+    """FSDP and ZeRO-3 rewrite the trained module into shards (see the module docstring)."""
+    return kind == FSDP or (kind == DEEPSPEED and int(accelerator.state.deepspeed_plugin.zero_stage) == 3)
+
+
 def start(policy: nn.Module, *, lr: float, weight_decay: float, max_grad_norm: float, micro_batch: int,
           grad_accum: int) -> Engine:
     """Prepare ``policy`` for training under the engine of this launch (AdamW over its trainable parameters).
@@ -175,8 +176,7 @@ def start(policy: nn.Module, *, lr: float, weight_decay: float, max_grad_norm: f
         # Else ZeRO-3 replaces torch.nn.functional.linear process-wide and for good (its "memory efficient
         # linear"), also under everything rank 0 computes after the training.
         ds.setdefault("zero_optimization", {})["memory_efficient_linear"] = False
-    engine_shards = kind == FSDP or (kind == DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
-    trainee = copy.deepcopy(policy) if engine_shards else policy
+    trainee = copy.deepcopy(policy) if _shards_weights(kind, accelerator) else policy
     trainee.train()
     params = [p for p in trainee.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -60,6 +60,17 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+
+def _accelerate(config: str, *args: str) -> None:
+    """``accelerate launch`` of run.py with conf/accelerate/<config>.yaml on a free port (the venv's bin on
+    PATH: the launcher starts its workers by name)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    _run([str(accelerate), "launch", "--config_file", f"conf/accelerate/{config}.yaml", "--main_process_port",
+          str(_free_port()), "run.py", *args], {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"})
+
+
 def _losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["train/loss"] for r in rows if "train/loss" in r]
@@ -85,8 +96,6 @@ def single_process(tmp_path_factory):
     return root
 
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-
 
 # ZeRO-3 runs with `pytest -m slow` (the default suite keeps to 10 minutes on 2 cores): it takes ZeRO-2's
 # engine calls and FSDP's train-a-copy path, both checked by default, and gathers from DeepSpeed's partitions.
@@ -97,10 +106,7 @@ def test_two_processes_train_like_one(engine, single_process, tmp_path):
     # The 2-process run reuses π_ref, its samples and scores (read by both ranks from rank 0's cache) but
     # must train its own adapter and recompute the reference log-probabilities (rank 0 computes, rank 1 waits).
     shutil.copytree(one, two, ignore=shutil.ignore_patterns("adapter", "ref_logprob", "checkpoints", "jobs"))
-    accelerate = Path(sys.executable).with_name("accelerate")
-    _run([str(accelerate), "launch", "--config_file", f"conf/accelerate/{engine}_2cpu.yaml",
-          "--main_process_port", str(_free_port()), "run.py", *TOY, f"cache_dir={two}",
-          f"hydra.run.dir={tmp_path / 'run2'}"], {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"})
+    _accelerate(f"{engine}_2cpu", *TOY, f"cache_dir={two}", f"hydra.run.dir={tmp_path / 'run2'}")
 
     s1 = json.loads((single_process / "run" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
@@ -153,10 +159,7 @@ def test_safe_rlhf_shares_each_steps_rollouts_between_processes(single_process, 
     steps, prompts, k = 4, 6, 4
     online = ["algorithm=safe_rlhf", "safety.margin=0.3", f"algorithm.safe_rlhf.steps={steps}",
               f"algorithm.safe_rlhf.prompts_per_step={prompts}", f"algorithm.safe_rlhf.samples_per_prompt={k}"]
-    accelerate = Path(sys.executable).with_name("accelerate")
-    _run([str(accelerate), "launch", "--config_file", "conf/accelerate/ddp_2cpu.yaml", "--main_process_port",
-          str(_free_port()), "run.py", *TOY, *online, f"cache_dir={two}", f"hydra.run.dir={tmp_path / 'run2'}"],
-         {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"})
+    _accelerate("ddp_2cpu", *TOY, *online, f"cache_dir={two}", f"hydra.run.dir={tmp_path / 'run2'}")
     s1 = json.loads((single_process / "run" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "run2" / "summary.json").read_text())
     history = s2["safe_rlhf/history"]
