@@ -35,7 +35,8 @@ def main(dcfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     cfg: Config = OmegaConf.to_object(dcfg)
     if context["multirun"]:
-        summary = run_sweep_job(cfg, resolved, group=sweep_group(context["sweep_dir"]))
+        summary = run_sweep_job(cfg, resolved, group=sweep_group(context["sweep_dir"]),
+                                processes_at_once=context["jobs_at_once"])
     else:
         summary = run_experiment(cfg, resolved_config=resolved)
     if summary is not None and distributed.current().is_main:

@@ -9,6 +9,7 @@ so a typo in a key or a wrong type fails at composition with Hydra's message nam
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -429,6 +430,9 @@ class Config:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     cache_dir: str = "outputs/cache"
+    # torch's CPU threads (alignment/threads.py); null: 1 for the tabular world, else the cores this job may
+    # use divided among the jobs a parallel launcher runs at once (OMP_NUM_THREADS, when set, is kept)
+    threads: int | None = None
     run_dir: str | None = None  # filled from Hydra's output directory at start-up
 
     def __post_init__(self) -> None:
@@ -480,10 +484,23 @@ def hydra_run_context() -> dict[str, Any]:
     return {
         "output_dir": hc.runtime.output_dir,
         "multirun": multirun,
+        "jobs_at_once": _jobs_at_once(hc.launcher) if multirun else 1,
         "sweep_dir": hc.sweep.dir if multirun else None,
         "job_num": hc.job.num if multirun else None,
         "overrides": list(hc.overrides.task),
     }
+
+
+def _jobs_at_once(launcher: Any) -> int:
+    """How many jobs of a multirun the launcher runs at once on one machine's cores: joblib's ``n_jobs``
+    (-1: every core), 1 for a job of submitit (it has ``cpus_per_task`` cores of its own, which its CPU
+    affinity shows) and for the basic launcher (one job after another)."""
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target.lower():
+        n_jobs = int(launcher.get("n_jobs") or -1)
+        cores = os.cpu_count() or 1
+        return n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)  # joblib's rule for negative n_jobs
+    return 1
 
 
 def sweep_group(sweep_dir: str) -> str:

@@ -21,10 +21,12 @@ import torch
 from alignment import distributed
 from alignment.algorithms import AlignmentContext, InfeasibleMarginError, LambdaChoice, Outcome, get_algorithm
 from alignment.config import Config
+from alignment.console import quiet_libraries
 from alignment.dual import dual_path, dual_terms
 from alignment.provenance import run_info, seed_everything
 from alignment.stages import build_stages, percentile_interval
 from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json
+from alignment.threads import set_threads
 from alignment.tracking import MultiTracker, make_tracker
 
 log = logging.getLogger(__name__)
@@ -153,8 +155,11 @@ def _save_arrays(path: Path, ctx: AlignmentContext, reward_draws: np.ndarray, sa
 
 
 def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None, group: str | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Align the configured policy with the configured algorithm; write and return the summary."""
+                   progress: bool = True, processes_at_once: int = 1) -> dict[str, Any]:
+    """Align the configured policy with the configured algorithm; write and return the summary.
+
+    ``processes_at_once``: jobs of the launch running together on this machine, which share its cores
+    (``threads: null`` divides them; alignment/threads.py)."""
     algorithm = get_algorithm(cfg.algorithm.name)  # an unknown name fails before any work
     run_dir = Path(cfg.run_dir or ".")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,10 +169,13 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     if distributed.current().enabled and cfg.dataset.kind == "tabular":
         raise ValueError("dataset=tabular: the tabular world runs in seconds in one process and its table policy "
                          "has no distributed form; run it with `python run.py`, not under accelerate/torchrun")
+    quiet_libraries(getattr(cfg.model, "device", "cpu"))
     dist = distributed.setup(getattr(cfg.model, "device", "cpu"))
     seed_everything(cfg.seed)
+    n_threads = set_threads(cfg.threads, cfg.dataset.kind, processes_at_once)
     info = run_info(cfg.seed)
     info["distributed"] = {"world_size": dist.world_size, "rank": dist.rank}
+    info["threads"] = n_threads
     atomic_write_json(run_dir / "run_info.json", info)
     tracker = make_tracker(
         cfg.tracker.kind if dist.is_main else "none", run_dir, project=cfg.tracker.project, entity=cfg.tracker.entity,
@@ -180,7 +188,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     summary: dict[str, Any] = {"algorithm": cfg.algorithm.name, "algorithm/label": cfg.algorithm.label,
                                "seed": cfg.seed, "margin": margins.tolist(), "beta": cfg.algorithm.beta,
                                "constraints": list(cfg.safety.constraints), "world": cfg.dataset.name,
-                               "model": cfg.model.name, "status": "running", **dict.fromkeys(COMMON_KEYS)}
+                               "model": cfg.model.name, "threads": n_threads, "status": "running", **dict.fromkeys(COMMON_KEYS)}
     # Separate streams per purpose, so e.g. changing pairs_per_prompt does not change π_ref's samples.
     streams = np.random.SeedSequence(cfg.seed).spawn(4)
     gen_sample, gen_pairs = (torch.Generator().manual_seed(int(s.generate_state(1)[0])) for s in streams[:2])
@@ -246,6 +254,8 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
             summary["compute/wall_seconds"] = sum(v for k, v in times.items() if k != "time/evaluate")
         summary["cache/events"] = [f"{'hit' if e.hit else 'miss'} {e.stage} {e.key[:12]}" for e in store.events]
         summary.update({"git/commit": info["git"]["commit"], "git/dirty": info["git"]["dirty"],
+                        "lock/sha256": (info["lock"] or {}).get("sha256"),
+                        "packages_match_lock": info["packages_match_lock"],
                         "packages": info["packages"], "run_dir": str(run_dir)})
         tracker.log({k: v for k, v in summary.items() if k.startswith(("eval/", "time/", "compute/", "lmeval"))
                      and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=None)

@@ -86,7 +86,8 @@ def reuse(previous: Path, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None) -> dict[str, Any] | None:
+def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None,
+                  processes_at_once: int = 1) -> dict[str, Any] | None:
     """One job of a multirun: skipped (outputs reused) when an identical job completed before; otherwise run,
     with a failure recorded and logged instead of raised, so the sweep goes on and reports it at the end."""
     from alignment import distributed
@@ -100,7 +101,7 @@ def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None) -
         log.info("job %s completed before in %s: reusing its outputs", key[:12], previous)
         return reuse(previous, run_dir) if main else None
     try:
-        summary = run_experiment(cfg, resolved_config=resolved, group=group)
+        summary = run_experiment(cfg, resolved_config=resolved, group=group, processes_at_once=processes_at_once)
     except Exception:
         if not main:
             raise  # a rank's failure must end its task, so that the scheduler stops the job's other ranks

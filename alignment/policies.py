@@ -16,6 +16,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,16 +77,20 @@ def load_policy(cfg: HFModelConfig, *, adapter_path: str | Path | None = None, t
         tokenizer.chat_template = cfg.chat_template
     model.to(distributed.current().device(cfg.device))  # under a launcher, cuda is this rank's GPU
     has_adapter = cfg.lora is not None or adapter_path is not None
-    if adapter_path is not None:
-        from peft import PeftModel
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model: a
+        # FutureWarning about peft's code that the user can do nothing about, once per policy.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if adapter_path is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
-    elif cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
+            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+        elif cfg.lora is not None:
+            from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+            lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                              target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
     if not trainable:
         model.requires_grad_(False)
     model.eval()

@@ -234,8 +234,10 @@ def report_sweep(root: str | Path, *, tracker_kind: str = "none", project: str =
                  figures: bool = True) -> SweepReportResult:
     """Write ``report/results.csv``, ``report/points.json`` and the sweep charts; log them to a sweep-level
     tracker run (W&B job_type ``sweep-report`` in the jobs' group) when ``tracker_kind`` is ``wandb``."""
+    from alignment.console import quiet_libraries
     from alignment.tracking import make_tracker
 
+    quiet_libraries()  # the figures' PDF fonts would log hundreds of fontTools lines at Hydra's INFO level
     sweep = load_sweep(root)
     out = sweep.root / "report"
     out.mkdir(parents=True, exist_ok=True)

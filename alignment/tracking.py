@@ -89,7 +89,10 @@ class WandbTracker:
         self._wandb = wandb
         self.mode = mode or os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
         self.run = wandb.init(project=project, entity=entity, group=group, job_type=job_type, tags=list(tags),
-                              name=name, config=config, dir=str(run_dir), mode=self.mode, reinit="finish_previous")
+                              name=name, config=config, dir=str(run_dir), mode=self.mode, reinit="finish_previous",
+                              # W&B's own end-of-run dump (history sparklines, summary) would repeat the run's
+                              # report in the log; finish() says where the run is instead.
+                              settings=wandb.Settings(quiet=True))
         log.info("W&B run %s (%s) in %s", self.run.id, self.mode, run_dir)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -104,7 +107,12 @@ class WandbTracker:
     def finish(self, summary: dict[str, Any] | None = None) -> None:
         if summary:
             self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
+        where = self.run.settings.sync_dir if self.mode == "offline" else self.run.url
         self.run.finish()
+        if self.mode == "offline":
+            log.info("W&B run %s saved offline; upload it with: wandb sync %s", self.run.id, where)
+        elif where:
+            log.info("W&B run %s: %s", self.run.id, where)
 
 
 def _has_api_key() -> bool:
