@@ -33,7 +33,7 @@ test: $(VENV)/.installed
 # The developers' loop: unit, maths, config composition and one tiny end-to-end run per world (~2 min).
 test-fast: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m fast $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "fast and not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -182,6 +182,13 @@ class ToyModelConfig(HFModelConfig):
     heads: int = 4
     sft_steps: int = 160
     sft_seed: int = 0
+    # torch threads of the SFT build. It sums in another order with another count, so the count is part of the
+    # built model's identity; 1 gives the same π_ref on every machine (2 halves the build on an idle 2-core one).
+    sft_threads: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "sft_steps", "sft_threads")
 
 
 # ----------------------------------------------------------------------------------------------------------

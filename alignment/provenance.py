@@ -87,13 +87,13 @@ def installed_versions() -> dict[str, str]:
             if d.metadata["Name"]}
 
 
-def lock_state(path: str | Path = LOCK_FILE) -> dict[str, Any]:
+def lock_state(path: str | Path | None = None) -> dict[str, Any]:
     """The lock's hash and whether this process's packages are the locked ones.
 
     ``packages_match_lock`` is None when there is no lock (a non-editable install of the package);
     ``packages_differing_from_lock`` names each differing package with its locked and installed version.
     """
-    path = Path(path)
+    path = Path(LOCK_FILE if path is None else path)
     if not path.is_file():
         return {"lock": None, "packages_match_lock": None, "packages_differing_from_lock": {}}
     differing = lock_differences(read_lock(path), installed_versions())

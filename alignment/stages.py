@@ -357,11 +357,14 @@ class LanguageStages:
             spec = {"world": {"seed": d.seed, "n_prompts": d.n_prompts, "harmful_fraction": d.harmful_fraction,
                               "test_fraction": d.test_fraction},
                     "hidden": m.hidden, "layers": m.layers, "heads": m.heads, "steps": m.sft_steps,
-                    "seed": m.sft_seed, "toy_version": TOY_VERSION}
+                    "seed": m.sft_seed, "toy_version": TOY_VERSION,
+                    # (absent at the default, so that references built before the key existed stay valid)
+                    **({"threads": m.sft_threads} if m.sft_threads != 1 else {})}
             result = self.store.get_or_compute(
                 "reference_model", spec, version="1",
                 compute=lambda out: build_reference(self.toy_world, out, seed=m.sft_seed, steps=m.sft_steps,
-                                                    hidden=m.hidden, layers=m.layers, heads=m.heads))
+                                                    hidden=m.hidden, layers=m.layers, heads=m.heads,
+                                                    threads=m.sft_threads))
             base = {f.name: getattr(m, f.name) for f in fields(HFModelConfig)}
             resolved = HFModelConfig(**{**base, "kind": "hf", "name_or_path": str(result.path)})
             return resolved, {"toy_reference": result.key}

@@ -77,6 +77,7 @@ def test_primal_dual_warm_start_needs_one_retraining(tmp_path, truth):
 # PeCAN
 
 
+@pytest.mark.fast
 def test_pecan_with_exact_implicit_rewards_recovers_mocan(truth):
     """Pre-aligned policies equal to the closed-form single-objective optima π_h ∝ π_ref e^{r/β_h} and
     π_s ∝ π_ref e^{g/β_s}: the implicit rewards β log π/π_ref differ from r and g by per-prompt constants only,
@@ -132,6 +133,7 @@ def test_safe_rlhf_multiplier_moves_towards_lambda_star(tmp_path, truth, init):
     assert s["safe_rlhf/first_feasible_step"] is not None
 
 
+@pytest.mark.fast
 def test_leave_one_out_and_clipped_loss():
     v = torch.tensor([[1.0, 2.0, 6.0]])
     torch.testing.assert_close(leave_one_out(v), torch.tensor([[1 - 4.0, 2 - 3.5, 6 - 1.5]]))
@@ -194,6 +196,7 @@ def test_baselines_move_the_way_they_should(every_algorithm):
     assert fixed["eval/safety_gain"][0] == pytest.approx(fixed["predicted/safety_gain"][0], abs=0.02)
 
 
+@pytest.mark.fast
 def test_fixed_lambda_without_lambda_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="algorithm.lam"):
         run_experiment(configured(tmp_path, "fixed_lambda"), progress=False)
@@ -201,6 +204,7 @@ def test_fixed_lambda_without_lambda_names_the_field(tmp_path):
         run_experiment(configured(tmp_path, "fixed_lambda", lam=-1.0), progress=False)
 
 
+@pytest.mark.fast
 def test_unknown_algorithm_fails_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="algorithm.name: unknown 'mocan2'"):
         run_experiment(configured(tmp_path / "x", "mocan2"), progress=False)

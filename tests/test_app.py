@@ -35,6 +35,7 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("group", "option"), group_options())
 def test_every_config_option_composes_and_converts(group, option):
     # Against the toy world, where every world's pieces compose (the default's real prompts need a text model).
@@ -43,11 +44,13 @@ def test_every_config_option_composes_and_converts(group, option):
     assert isinstance(obj, Config)
 
 
+@pytest.mark.fast
 def test_every_module_imports():
     for info in pkgutil.walk_packages(alignment.__path__, "alignment."):
         importlib.import_module(info.name)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -62,6 +65,7 @@ def test_bad_overrides_fail_naming_the_key(override, message):
         compose_config([override])
 
 
+@pytest.mark.fast
 def test_invalid_values_fail_at_conversion_naming_the_field():
     with pytest.raises(Exception, match="algorithm.beta"):
         OmegaConf.to_object(compose_config(["algorithm.beta=-1"]))
@@ -79,6 +83,7 @@ SMALL = ["experiment=tabular", "dataset.n_prompts=30", "sampling.num_samples=16"
          "algorithm.dual.bootstrap=20", "eval.bootstrap=50"]
 
 
+@pytest.mark.fast
 def test_cli_single_run_logs_wandb_offline(tmp_path):
     out = _run_cli([*SMALL, "hydra.run.dir=run", "tracker.tags=[smoke]"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -99,19 +104,11 @@ def test_cli_single_run_logs_wandb_offline(tmp_path):
     assert any("dual/curve" in row for row in run.history)  # the dual curve table was logged
 
 
-def test_cli_multirun_sweeps_margins_into_separate_runs(tmp_path):
-    out = _run_cli(["-m", *SMALL, "safety.margin=0.1,0.3", "hydra.sweep.dir=sweep"], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summaries = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text()) for i in (0, 1)]
-    assert [s["margin"] for s in summaries] == [[0.1], [0.3]]
-    assert summaries[0]["dual/lambda"][0] < summaries[1]["dual/lambda"][0]
-    runs = [read_offline_run(p) for p in find_offline_runs(tmp_path / "sweep")]
-    runs = [r for r in runs if r.job_type != "sweep-report"]  # the sweep's summary run (tests/test_sweeps.py)
-    assert len(runs) == 2 and len({r.run_id for r in runs}) == 2  # one W&B run per job, never merged
-    assert runs[0].group == runs[1].group and runs[0].group.startswith("sweep")
-    assert sorted(r.config["safety"]["margin"] for r in runs) == [0.1, 0.3]
+# A multirun over margins (one folder and one W&B run per job, in one group) is checked on the sweep that
+# tests/test_sweeps.py runs once for all its tests.
 
 
+@pytest.mark.fast
 def test_cli_rejects_typo_with_hydra_message(tmp_path):
     out = _run_cli(["safety.margni=0.3"], tmp_path)
     assert out.returncode != 0

@@ -25,6 +25,7 @@ TOY = ["experiment=toy", "dataset.n_prompts=40", "model.sft_steps=20", "sampling
        "trainer.warmup_steps=0", "eval.num_samples=1", "eval.bootstrap=50", "tracker=none", "model.device=cpu"]
 
 
+@pytest.mark.fast
 def test_shards_cover_every_item_once():
     for n in range(0, 9):
         for world in (1, 2, 3):
@@ -33,6 +34,7 @@ def test_shards_cover_every_item_once():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+@pytest.mark.fast
 def test_launcher_argv_strips_local_rank_and_sends_other_ranks_to_scratch():
     env: dict[str, str] = {}
     assert launcher_argv(["run.py", "--local_rank=1", "a=1"], env) == ["run.py", "a=1"]
@@ -182,6 +184,7 @@ def test_two_processes_train_like_one(engine, single_process, tmp_path):
     torch.testing.assert_close(torch.tensor(s2["predicted/safety_gain"]), torch.tensor(s1["predicted/safety_gain"]))
 
 
+@pytest.mark.fast
 def test_engine_is_read_from_the_launch():
     assert engine_from_env({}) == "ddp"
     assert engine_from_env({"ACCELERATE_USE_FSDP": "true"}) == "fsdp"

@@ -8,6 +8,8 @@ import torch
 
 from alignment.dual import bootstrap, dual_terms, solve_dual, solve_front, tilted_weights
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 cp = pytest.importorskip("cvxpy")
 
 

@@ -12,6 +12,8 @@ from alignment.policies import encode_pairs, format_prompt, load_policy, sequenc
 from alignment.sampling import GenerationSpec, sample_responses
 from alignment.scorers import Scorer, build_scorer
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 
 def model_cfg(path: str, lora: bool = True) -> HFModelConfig:
     return HFModelConfig(name_or_path=path, lora=LoraSpec(r=4, alpha=8) if lora else None, max_length=64)

@@ -70,6 +70,7 @@ def runs(tiny_lm, tmp_path_factory):
     return out
 
 
+@pytest.mark.fast
 def test_every_algorithm_runs_on_a_language_model(runs):
     for name in ALGORITHMS:
         s = runs[name]
@@ -100,6 +101,7 @@ def test_dpo_helpful_is_pecans_helpfulness_pre_alignment(runs):
     assert runs["dpo"]["train/cached"]
 
 
+@pytest.mark.fast
 def test_each_training_starts_from_the_reference(tiny_lm, tmp_path):
     """Adapters trained one after another in one process equal the same adapter trained alone: the LoRA
     weights are reset to their initial state (π_ref) before every training."""
@@ -129,6 +131,7 @@ def test_each_training_starts_from_the_reference(tiny_lm, tmp_path):
     assert np.abs(rho_sequential).max() > 1e-4  # training moved the policy
 
 
+@pytest.mark.fast
 def test_lm_without_lora_is_refused(tiny_lm, tmp_path):
     cfg = lm_config(tiny_lm, tmp_path, tmp_path / "cache")
     cfg.model = dataclasses.replace(cfg.model, lora=None)
@@ -175,6 +178,7 @@ def test_lmeval_runs_offline_on_reference_and_policy(tiny_lm, tmp_path):
         k: v for k, v in s.items() if k.startswith("lmeval")}
 
 
+@pytest.mark.fast
 def test_lmeval_task_files_and_refusal_metric(tmp_path):
     import importlib.util
     import json

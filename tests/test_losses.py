@@ -9,6 +9,8 @@ import torch
 
 from alignment.losses import preference_labels, preference_metrics, pseudo_preference_loss
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 
 def test_hand_worked_value():
     """ρ1 - ρ0 = 2, β = 0.5 -> h = 1; p = 0.75: loss = -(0.75 log σ(1) + 0.25 log σ(-1)).

@@ -10,6 +10,8 @@ import pytest
 from alignment.config import MultiplierConfig
 from alignment.multiplier import LagrangeMultiplier
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 
 def test_projected_sgd_step_by_hand():
     """λ = 1, lr = 0.5, slack -0.4 (violated) -> λ = 1 + 0.2 = 1.2; slack +4 -> clipped at 0."""

@@ -21,6 +21,8 @@ from alignment.pku_saferlhf import (
     split_records,
 )
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 SAMPLE = Path(__file__).resolve().parent / "data" / "pku_saferlhf_sample.jsonl"  # verbatim copy, see README
 
 

@@ -8,6 +8,8 @@ import pytest
 from alignment.prompt_sets import load_prompt_set
 from alignment.store import ArtifactStore
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 
 def test_hub_spec_reads_a_dataset_folder_and_caches_it(tmp_path):
     folder = tmp_path / "my_prompts"

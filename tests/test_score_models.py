@@ -29,6 +29,8 @@ from alignment.score_models import (
     score_texts,
 )
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 HIDDEN = 32
 BACKBONE = dict(
     vocab_size=300,

@@ -26,6 +26,8 @@ from alignment.store import (
     canonical_json,
 )
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = {"model": "tiny", "n": 4, "temps": [0.7, 1.0], "sampler": {"top_p": 0.9, "seed": 0}}
 

@@ -51,9 +51,18 @@ def test_named_sweep_runs_every_job_and_reports(sweep):
         row = by_dir[str(job.run_dir)]
         assert float(row["eval/safety_gain_0"]) == pytest.approx(job.summary["eval/safety_gain"][0])
         assert row["algorithm/label"] == job.label
-    # One W&B run per job plus the sweep's summary run, all in one group.
+    # Each margin its own job and folder; a larger margin needs a larger λ.
+    mocan = sorted((j for j in loaded.jobs if j.label == "mocan"), key=lambda j: j.margin)
+    assert [j.summary["margin"] for j in mocan] == [[0.1], [0.3], [0.5]]
+    lams = [j.summary["dual/lambda"][0] for j in mocan]
+    assert lams == sorted(lams) and lams[0] < lams[-1]
+    assert len({j.run_dir for j in loaded.jobs}) == 9
+    # One W&B run per job (never merged) plus the sweep's summary run, all in one group.
     runs = [read_offline_run(p) for p in find_offline_runs(root)]
-    assert len(runs) == 10 and len({r.group for r in runs}) == 1
+    assert len(runs) == 10 and len({r.run_id for r in runs}) == 10 and len({r.group for r in runs}) == 1
+    assert next(iter({r.group for r in runs})).startswith("sweep")
+    job_runs = [r for r in runs if r.job_type != "sweep-report"]
+    assert sorted(r.config["safety"]["margin"] for r in job_runs) == sorted(j.summary["margin"][0] for j in loaded.jobs)
     report_runs = [r for r in runs if r.job_type == "sweep-report"]
     assert len(report_runs) == 1 and report_runs[0].summary["sweep/jobs"] == 9
     assert any("sweep/pareto" in row for row in report_runs[0].history)

@@ -69,6 +69,7 @@ def test_sampled_mocan_meets_margin_within_intervals(tmp_path):
     assert s["status"] == "completed"
 
 
+@pytest.mark.fast
 def test_summary_and_files(tmp_path):
     s = run_experiment(tabular_config(tmp_path, n_prompts=40, num_samples=32), progress=False)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
@@ -109,6 +110,7 @@ def test_sampled_labels_train_towards_the_same_target(tmp_path):
     assert s["eval/safety_gain"][0] == pytest.approx(0.5, abs=0.15)
 
 
+@pytest.mark.fast
 def test_infeasible_margin_fails_clearly_and_records_status(tmp_path):
     with pytest.raises(InfeasibleMarginError, match="safety.margin.*reachable"):
         run_experiment(tabular_config(tmp_path, margin=50.0, n_prompts=20, num_samples=16), progress=False)
@@ -116,6 +118,7 @@ def test_infeasible_margin_fails_clearly_and_records_status(tmp_path):
     assert summary["status"] == "infeasible" and summary["dual/feasible"] is False
 
 
+@pytest.mark.fast
 def test_policy_interface():
     world = make_world(5, 4, 1, 0.5, 1.0, 0)
     policy = TabularPolicy(world.ref_logits)
@@ -130,6 +133,7 @@ def test_policy_interface():
     torch.testing.assert_close(lp, policy.ref_log_prob(torch.arange(5), samples[:, :3]))
 
 
+@pytest.mark.fast
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="safety.margin"):
         SafetyConfig(margin=[0.1, 0.2], constraints=["a"])

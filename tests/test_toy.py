@@ -19,6 +19,8 @@ import pytest
 
 from alignment import toy
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 # Offline before anything imports transformers (alignment.toy imports it lazily, inside functions): without
 # these a hub lookup retries for ~23 s before failing.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):

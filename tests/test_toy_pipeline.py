@@ -34,7 +34,8 @@ def toy_config(run_dir, cache_dir, *, margin=0.5, n_prompts=120, sft_steps=160, 
                eval_samples=4) -> Config:
     return Config(
         dataset=ToyDatasetConfig(n_prompts=n_prompts),
-        model=ToyModelConfig(sft_steps=sft_steps, max_length=128,
+        # Two threads halve the π_ref build on an idle 2-core machine (its count is part of the model's key).
+        model=ToyModelConfig(sft_steps=sft_steps, sft_threads=2, max_length=128,
                              lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
         scorer=ScorerConfig(kind="text", reward=ScorerSpec(name="toy/helpfulness"),
                             safety=[ScorerSpec(name="toy/safety")]),

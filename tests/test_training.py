@@ -8,6 +8,8 @@ import torch
 from alignment.config import TrainerConfig
 from alignment.tabular import TabularPolicy, make_world
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 
 def _setup():
     world = make_world(30, 6, 1, 0.6, 1.0, 0)

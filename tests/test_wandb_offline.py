@@ -17,6 +17,8 @@ from alignment.wandb_offline import OfflineRun, find_offline_runs, iter_records,
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
+pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
+
 _LEAKY_ENV = (
     "WANDB_API_KEY",
     "WANDB_BASE_URL",
