@@ -437,8 +437,8 @@ class Config:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     seed: int = 0
     cache_dir: str = "outputs/cache"
-    # torch's CPU threads (alignment/threads.py); null: 1 for the tabular world, else the cores this job may
-    # use divided among the jobs a parallel launcher runs at once (OMP_NUM_THREADS, when set, is kept)
+    # torch's CPU threads (alignment/threads.py); null: the cores this job may use divided among the jobs a
+    # parallel launcher runs at once (OMP_NUM_THREADS, when set, is kept)
     threads: int | None = None
     run_dir: str | None = None  # filled from Hydra's output directory at start-up
 

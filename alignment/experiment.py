@@ -172,7 +172,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     quiet_libraries(getattr(cfg.model, "device", "cpu"))
     dist = distributed.setup(getattr(cfg.model, "device", "cpu"))
     seed_everything(cfg.seed)
-    n_threads = set_threads(cfg.threads, cfg.dataset.kind, processes_at_once)
+    n_threads = set_threads(cfg.threads, processes_at_once)
     info = run_info(cfg.seed)
     info["distributed"] = {"world_size": dist.world_size, "rank": dist.rank}
     info["threads"] = n_threads

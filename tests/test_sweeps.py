@@ -15,6 +15,7 @@ import pytest
 
 from alignment.figures import make_figures
 from alignment.report import hierarchical_interval, load_sweep, pareto_mask, sweep_points
+from alignment.threads import available_cores
 from alignment.wandb_offline import find_offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,27 +150,23 @@ def test_pareto_mask_and_hierarchical_interval():
     assert wide[0] == pytest.approx(0.0) and wide[1] == pytest.approx(1.0)  # seed spread dominates
 
 
-def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
-    out = cli(["-m", *SMALL, "safety.margin=0.2,0.4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-               "tracker=none", "hydra.sweep.dir=par"], tmp_path)
+def test_parallel_launchers_run_and_resume_jobs(tmp_path):
+    """hydra-joblib-launcher runs the jobs in parallel processes, one thread each on 2 cores (the cores divided
+    among the jobs at once); the Slurm preset's launcher (hydra-submitit-launcher, run locally, each job in its
+    own submitit process) relaunched into a new folder skips them through the registry in the cache. (A
+    submitit job that trains is run by tests/test_distributed.py::test_slurm_job_tasks_train_as_ranks.)"""
+    common = ["-m", *SMALL, "safety.margin=0.2,0.4", "tracker=none"]
+    out = cli([*common, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=par"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    loaded = load_sweep(tmp_path / "par")
-    assert sorted(j.margin for j in loaded.jobs) == [(0.2,), (0.4,)]
-    assert (tmp_path / "par" / "report" / "results.csv").exists()  # the report callback ran after the pool
-
-
-def test_submitit_launcher_resumes_completed_jobs(tmp_path):
-    """The Slurm preset's launcher (hydra-submitit-launcher), run locally: each job in its own submitit
-    process; a relaunch into a new folder skips the completed jobs through the registry in the cache."""
-    args = ["-m", *SMALL, "safety.margin=0.2,0.4", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-            "tracker=none"]
-    first = cli([*args, "hydra.sweep.dir=first"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = cli([*args, "hydra.sweep.dir=again"], tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    done, resumed = load_sweep(tmp_path / "first"), load_sweep(tmp_path / "again")
+    done = load_sweep(tmp_path / "par")
     assert sorted(j.margin for j in done.jobs) == [(0.2,), (0.4,)]
     assert not any(j.summary.get("resumed_from") for j in done.jobs)
+    assert [j.summary["threads"] for j in done.jobs] == [max(available_cores() // 2, 1)] * 2
+    assert (tmp_path / "par" / "report" / "results.csv").exists()  # the report callback ran after the pool
+    again = cli([*common, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                 "hydra.sweep.dir=again"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = load_sweep(tmp_path / "again")
     assert all(j.summary.get("resumed_from") for j in resumed.jobs) and len(resumed.jobs) == 2
     by_margin = {j.margin: j.summary["eval/safety_gain"] for j in done.jobs}
     assert {j.margin: j.summary["eval/safety_gain"] for j in resumed.jobs} == by_margin

@@ -20,26 +20,26 @@ def _restore_threads():
     torch.set_num_threads(before)
 
 
-def test_world_defaults_divide_the_cores():
-    assert default_threads("tabular", cores=16) == 1  # tiny tensors: threads cost more than they compute
-    assert default_threads("toy", cores=16) == 16
-    assert default_threads("prompts", processes_at_once=4, cores=16) == 4
-    assert default_threads("hf", processes_at_once=3, cores=2) == 1  # never zero
+def test_the_default_divides_the_cores_among_the_jobs_at_once():
+    assert default_threads(cores=16) == 16
+    assert default_threads(processes_at_once=4, cores=16) == 4
+    assert default_threads(processes_at_once=3, cores=2) == 1  # never zero
 
 
 def test_set_threads_takes_the_config_then_the_environment_then_the_default(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert set_threads(3, "tabular") == 3 and torch.get_num_threads() == 3
-    assert set_threads(None, "tabular") == 1 and torch.get_num_threads() == 1
-    torch.set_num_threads(2)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert set_threads(None, "tabular") == 2  # the user's explicit choice is kept
+    monkeypatch.setattr("alignment.threads.available_cores", lambda: 64)
+    assert set_threads(3) == 3 and torch.get_num_threads() == 3
+    assert set_threads(None, processes_at_once=32) == 2 and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert set_threads(None) == 1  # the user's explicit choice is kept
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # ranks of a CPU launch share the node's cores
-    assert set_threads(None, "toy") == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # ranks of a CPU launch share the node's cores
+    assert set_threads(None) == 4
     with pytest.raises(ValueError, match="threads"):
-        set_threads(0, "toy")
+        set_threads(0)
 
 
 def test_jobs_at_once_follow_the_launcher(monkeypatch):

@@ -335,7 +335,8 @@ def _one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def small_reference(world: toy.ToyWorld, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("toy_ref")
-    stats = toy.build_reference(world, out, seed=0, steps=60, batch_size=32, warmup_steps=10, threads=1)
+    # Two threads halve this build on an idle machine (CI runs the tests one at a time).
+    stats = toy.build_reference(world, out, seed=0, steps=60, batch_size=32, warmup_steps=10, threads=2)
     return out, stats
 
 
