@@ -29,7 +29,7 @@ from alignment.config import AlgorithmConfig, Config
 from alignment.dual import BootstrapResult, DualSolution, bootstrap, solve_dual
 from alignment.multiplier import LagrangeMultiplier
 from alignment.online import safe_rlhf_train
-from alignment.stages import make_pairs, reference_means
+from alignment.stages import make_lists, make_pairs, reference_means
 
 
 class InfeasibleMarginError(ValueError):
@@ -94,18 +94,23 @@ class AlignmentContext:
 
     def stage2(self, reward: np.ndarray, safety: np.ndarray, lam: np.ndarray, *, phase: str = "train"
                ) -> tuple[Any, dict[str, Any]]:
-        """One pseudo-preference run from π_ref on pairs labelled by σ(Δ(r + λᵀg)); β = algorithm.beta."""
+        """One stage-2 run from π_ref towards π_λ ∝ π_ref exp((r + λᵀg)/β), β = algorithm.beta, with the configured
+        objective: pairs labelled by σ(Δ(r + λᵀg)) (pairwise, all_pairs) or lists of each prompt's samples
+        with targets (r + λᵀg)/β (listwise)."""
         cfg = self.cfg.algorithm
         with self.timed("train"):
             if cfg.pair_source == "dataset":
-                pairs = self.world.dataset_pairs(lam, self.generator)
+                items = self.world.dataset_pairs(lam, self.generator)
+            elif cfg.objective == "listwise":
+                items = make_lists(self.responses, (reward + safety @ lam) / cfg.beta, self.ref_logprob)
             else:
-                pairs = make_pairs(self.responses, reward + safety @ lam, self.ref_logprob,
+                items = make_pairs(self.responses, reward + safety @ lam, self.ref_logprob,
                                    pairs_per_prompt=cfg.pairs_per_prompt, labels=cfg.labels,
-                                   generator=self.generator)
-            policy, info = self.world.train(pairs, beta=cfg.beta, log=self.tracker.phase(phase),
-                                            progress=self.progress)
-        return policy, {**info, "train/pairs": int(pairs["label"].shape[0])}
+                                   generator=self.generator, all_pairs=cfg.objective == "all_pairs")
+            policy, info = self.world.train(items, beta=cfg.beta, log=self.tracker.phase(phase),
+                                            progress=self.progress, objective=cfg.objective)
+        # train/pairs: the items trained on (pairs, or one list per prompt for the listwise objective)
+        return policy, {**info, "train/pairs": int(items["prompt"].shape[0])}
 
     def preference_pairs(self, objective: str, j: int = 0) -> dict[str, torch.Tensor]:
         """Preference data for DPO: the dataset's own (PKU-SafeRLHF better/safer ids) when the world has one;

@@ -310,6 +310,10 @@ class AlgorithmConfig:
     labels: str = "soft"  # soft: p = σ(Δ r_λ) in the loss; sampled: Bernoulli(p) hard labels (the paper)
     pairs_per_prompt: int = 8
     pair_source: str = "samples"  # samples: pairs of π_ref samples; dataset: the dataset's own response pairs
+    # Stage 2's objective on π_ref's samples (alignment/training.py OBJECTIVES): pairwise (pairs_per_prompt
+    # sampled pairs, soft/sampled labels), all_pairs (every distinct pair of a prompt's K samples) or listwise
+    # (cross-entropy between softmax(r_λ/β) and softmax(ρ) over each prompt's K samples)
+    objective: str = "pairwise"
     dual: DualConfig = field(default_factory=DualConfig)
     lam: Any = None  # fixed_lambda: λ (a float for every constraint, or one per constraint)
     preference: str = "helpful"  # dpo: helpful (DPO_H) | safe (DPO_S, first safety score)
@@ -326,6 +330,11 @@ class AlgorithmConfig:
         _positive(self, "pairs_per_prompt")
         if self.pair_source not in ("samples", "dataset"):
             raise ValueError(f"algorithm.pair_source: 'samples' or 'dataset', got {self.pair_source!r}")
+        if self.objective not in ("pairwise", "all_pairs", "listwise"):
+            raise ValueError(f"algorithm.objective: 'pairwise', 'all_pairs' or 'listwise', got {self.objective!r}")
+        if self.objective != "pairwise" and self.pair_source == "dataset":
+            raise ValueError(f"algorithm.objective={self.objective} needs π_ref's samples; set "
+                             "algorithm.pair_source=samples (a preference dataset gives one pair per prompt)")
         if self.preference not in ("helpful", "safe"):
             raise ValueError(f"algorithm.preference: 'helpful' or 'safe', got {self.preference!r}")
         for name in ("beta_helpful", "beta_safe"):
@@ -443,6 +452,9 @@ class Config:
     run_dir: str | None = None  # filled from Hydra's output directory at start-up
 
     def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads: a positive number of CPU threads, or null for this job's share of the "
+                             f"cores; got {self.threads}")
         n = getattr(self.dataset, "n_constraints", len(self.safety.constraints))
         if len(self.safety.constraints) != n or len(self.scorer.safety) != n:
             raise ValueError(

@@ -23,6 +23,7 @@ from alignment.algorithms import AlignmentContext, InfeasibleMarginError, Lambda
 from alignment.config import Config
 from alignment.console import quiet_libraries
 from alignment.dual import dual_path, dual_terms
+from alignment.fit import fit_diagnostics
 from alignment.provenance import run_info, seed_everything
 from alignment.stages import build_stages, percentile_interval
 from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json
@@ -79,7 +80,12 @@ COMMON_KEYS = (
     "predicted/safety_gain", "predicted/reward_gain", "predicted/kl",
     "predicted/safety_gain_ci", "predicted/reward_gain_ci", "predicted/kl_ci",
     "train/final_loss", "train/steps", "train/pairs", "train/cached", "train/adapter",
+    "fit/target_kl", "fit/slope", "fit/corr",
 )
+
+# Algorithms whose policy is a stage-2 run towards π_λ at the λ they report: their fit to that target on the
+# dual's own samples is measured (alignment/fit.py).
+TRAINED_TOWARDS_LAMBDA = ("mocan", "pecan", "fixed_lambda", "primal_dual")
 
 
 # Wall-time stages (``time/<stage>``, seconds); a stage an algorithm does not have reads 0. ``probe``: sampling
@@ -226,6 +232,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         if outcome.dual_scores is not None and outcome.choice is not None:
             _dual_curve(*outcome.dual_scores, outcome.choice.lam, cfg, ref_logprob, tracker)
         with _timed(times, "evaluate"):
+            summary.update(_fit(outcome, ctx))
             evaluation = stages.evaluate(outcome.policy, outcome.lam, eval_rng, tracker)
         safety_draws = evaluation.pop("eval/safety_draws")
         _save_arrays(run_dir / "arrays.npz", ctx, evaluation.pop("eval/reward_draws"), safety_draws,
@@ -263,6 +270,20 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     return summary
 
 
+def _fit(outcome: Outcome, ctx: AlignmentContext) -> dict[str, Any]:
+    """``fit/*``: how closely the trained policy reweights the dual's samples as π_λ does, at the outcome's λ
+    and on the scores its dual saw (PeCAN: the implicit rewards). Measured after the algorithm's compute is
+    counted: it is a diagnostic, not part of the method's cost."""
+    cfg = ctx.cfg.algorithm
+    if (cfg.name not in TRAINED_TOWARDS_LAMBDA or outcome.policy is None or outcome.lam is None
+            or cfg.pair_source != "samples"):
+        return {}
+    reward, safety = outcome.dual_scores or (ctx.reward, ctx.safety)
+    fit = fit_diagnostics((reward + safety @ outcome.lam) / cfg.beta,
+                          ctx.world.logratio(outcome.policy, ctx.responses), ctx.ref_logprob)
+    return {f"fit/{k}": v for k, v in fit.items()}
+
+
 def format_report(summary: dict[str, Any]) -> str:
     """The lines a user reads at the end of a run: λ, predicted and achieved gains with intervals, compute."""
 
@@ -296,6 +317,9 @@ def format_report(summary: dict[str, Any]) -> str:
         f"reward gain  predicted {vec(summary['predicted/reward_gain'])}{ci(summary.get('predicted/reward_gain_ci'))}",
         f"             achieved  {vec(summary['eval/reward_gain'])}{ci(summary.get('eval/reward_gain_ci'))}",
         f"KL           predicted {vec(summary['predicted/kl'])}  achieved {vec(summary['eval/kl'])}",
+        *([f"fit to π_λ on the dual's samples: KL(target ‖ policy) {summary['fit/target_kl']:.4f}  "
+           f"slope {summary['fit/slope']:.3f}  corr {summary['fit/corr']:.3f}  (exact fit: 0, 1, 1)"]
+          if summary.get("fit/target_kl") is not None else []),
         f"constraint met (tolerance {summary.get('eval/tolerance', 0):g}): {summary['eval/constraint_met']}   "
         + closing,
         (f"compute: {compute} training runs, {summary['compute/generated_tokens']:,} generated tokens, "

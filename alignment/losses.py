@@ -38,6 +38,32 @@ def pseudo_preference_loss(logratio_1: torch.Tensor, logratio_0: torch.Tensor, l
     return -(label * F.logsigmoid(h) + (1 - label) * F.logsigmoid(-h))
 
 
+def listwise_loss(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Cross-entropy from the target's weights to the policy's over each prompt's K responses, shape [B].
+
+        q = softmax(b + t),   p = softmax(b + ρ),   loss = -Σ_k q_k log p_k
+
+    with t = r_λ/β [B, K] and b = log π_ref of the responses for an exact candidate list (None: iid samples of
+    π_ref, which carry π_ref already, b = 0). Its minimiser over ρ is ρ = t + c(x), i.e. π_θ ∝ π_ref exp(r_λ/β)
+    on the responses' support: the dual's π_λ, reached with every response used once per pass. The loss minus
+    the entropy of q is KL(q ‖ p) (``listwise_metrics``).
+    """
+    base = torch.zeros_like(target) if base_logweight is None else base_logweight
+    log_q = torch.log_softmax(base + target, dim=-1)
+    log_p = torch.log_softmax(base.to(logratio.dtype) + logratio, dim=-1)
+    return -(log_q.exp() * log_p).sum(dim=-1)
+
+
+def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None
+                     ) -> dict[str, float]:
+    """KL(q ‖ p) between the target's and the policy's weights (0 at the target), mean over the batch."""
+    base = torch.zeros_like(target) if base_logweight is None else base_logweight
+    log_q = torch.log_softmax(base + target, dim=-1)
+    entropy = -(log_q.exp() * log_q).sum(dim=-1)
+    return {"kl_to_target": float((listwise_loss(logratio, target, base_logweight) - entropy).mean())}
+
+
 def preference_metrics(logratio_1: torch.Tensor, logratio_0: torch.Tensor, label: torch.Tensor,
                        beta: float) -> dict[str, float]:
     """Implicit-reward margin β(ρ1 - ρ0) and label accuracy (the side the policy prefers agrees with p)."""

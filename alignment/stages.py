@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,7 +29,7 @@ from alignment.dual import tilted_weights
 from alignment.losses import preference_labels
 from alignment.store import ArtifactStore, atomic_write_json
 from alignment.tabular import TabularPolicy, evaluate_exact, make_world
-from alignment.training import train_pairs
+from alignment.training import Objective, listwise, pairwise, train_items
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,17 @@ def percentile_interval(values: np.ndarray, level: float) -> list:
 
 
 def make_pairs(responses: np.ndarray, scores: np.ndarray, ref_logprob: np.ndarray | None, *, pairs_per_prompt: int,
-               labels: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+               labels: str, generator: torch.Generator, all_pairs: bool = False) -> dict[str, torch.Tensor]:
     """Pairs (y0, y1) of π_ref responses of the same prompt, labelled by σ(s(y1) - s(y0)) for a score s [N, K]
     (MoCAN: s = r_λ = r + λᵀg; synthetic preference data: s = the gold reward or one safety score).
 
     iid samples: ``pairs_per_prompt`` pairs of sample positions drawn uniformly, i.e. y0, y1 ~ π_ref.
-    Exact lists (ref_logprob given): all pairs of distinct candidates. Soft labels are realisable by π_λ, so
-    any pair distribution with full support has the same optimum; the uniform one converges fastest.
+    Exact lists (ref_logprob given), or ``all_pairs``: every pair of distinct positions, K(K-1)/2 per prompt.
+    Soft labels are realisable by π_λ, so any pair distribution with full support has the same optimum; the
+    uniform one converges fastest.
     """
     n, k = responses.shape
-    if ref_logprob is None:
+    if ref_logprob is None and not all_pairs:
         per = pairs_per_prompt
         pos_1 = torch.randint(0, k, (n * per,), generator=generator)
         pos_0 = torch.randint(0, k, (n * per,), generator=generator)
@@ -64,6 +65,32 @@ def make_pairs(responses: np.ndarray, scores: np.ndarray, ref_logprob: np.ndarra
     comp = torch.as_tensor(scores, dtype=torch.float64)
     label = preference_labels(comp[prompts, pos_1], comp[prompts, pos_0], mode=labels, generator=generator)
     return {"prompt": prompts, "y1": resp[prompts, pos_1], "y0": resp[prompts, pos_0], "label": label}
+
+
+def make_lists(responses: np.ndarray, target: np.ndarray, ref_logprob: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """One list per prompt for the listwise objective: its K responses [N, K], the target t = r_λ/β [N, K] and
+    the base log-weights b [N, K] (log π_ref for exact lists, 0 for iid samples; alignment.losses.listwise_loss)."""
+    n, _ = responses.shape
+    base = np.zeros_like(target) if ref_logprob is None else ref_logprob
+    return {"prompt": torch.arange(n), "ys": torch.as_tensor(responses),
+            "target": torch.as_tensor(target, dtype=torch.float64), "base": torch.as_tensor(base, dtype=torch.float64)}
+
+
+def response_ids(items: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The responses of each item, [P, J]: a list's K, or a pair's (y1, y0)."""
+    return items["ys"] if "ys" in items else torch.stack([items["y1"], items["y0"]], dim=1)
+
+
+def _objective(name: str, rho: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor], beta: float) -> Objective:
+    """The training objective ``name`` from a world's log-ratio function ρ(policy, batch) -> [B, J]."""
+    if name == "listwise":
+        return listwise(rho)
+
+    def pair_logratios(policy: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        both = rho(policy, batch)
+        return both[:, 0], both[:, 1]
+
+    return pairwise(pair_logratios, beta)  # pairwise and all_pairs differ in the pairs only
 
 
 def reference_means(scores: np.ndarray, ref_logprob: np.ndarray | None) -> np.ndarray:
@@ -120,16 +147,13 @@ class TabularStages:
     def dataset_pairs(self, lam: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise ValueError("algorithm.pair_source=dataset: the tabular world has no preference dataset")
 
-    def _logratios(self) -> Any:
-        def logratios(policy: TabularPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-            x = batch["prompt"]
-            rho_1 = policy.log_prob(x, batch["y1"]) - policy.ref_log_prob(x, batch["y1"])
-            rho_0 = policy.log_prob(x, batch["y0"]) - policy.ref_log_prob(x, batch["y0"])
-            n = 2 * len(x)
-            self.compute.add(forward_tokens=n, backward_tokens=n if torch.is_grad_enabled() else 0)
-            return rho_1, rho_0
+    def _objective(self, objective: str, beta: float) -> Objective:
+        def rho(policy: TabularPolicy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            ys, x = response_ids(batch), batch["prompt"]
+            self.compute.add(forward_tokens=ys.numel(), backward_tokens=ys.numel() if torch.is_grad_enabled() else 0)
+            return policy.log_prob(x, ys) - policy.ref_log_prob(x, ys)
 
-        return logratios
+        return _objective(objective, rho, beta)
 
     def trained(self, spec: dict[str, Any], run: Any) -> tuple[TabularPolicy, dict[str, Any]]:
         """A policy trained from π_ref by ``run(policy, work_dir) -> info``; tables train in seconds, so uncached."""
@@ -138,11 +162,11 @@ class TabularStages:
         info.pop("history", None)
         return policy, {**info, "train/cached": False}
 
-    def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool
-              ) -> tuple[TabularPolicy, dict[str, Any]]:
-        """The one stage-2 loop on labelled pairs, from π_ref, with coefficient ``beta``."""
+    def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool,
+              objective: str = "pairwise") -> tuple[TabularPolicy, dict[str, Any]]:
+        """The one stage-2 loop on labelled pairs (or lists), from π_ref, with coefficient ``beta``."""
         def run(policy: TabularPolicy, work: Path | None) -> dict[str, Any]:
-            result = train_pairs(policy, pairs, self._logratios(), beta=beta, cfg=self.cfg.trainer,
+            result = train_items(policy, pairs, self._objective(objective, beta), cfg=self.cfg.trainer,
                                  seed=self.cfg.seed, log=log, progress=progress)
             self.compute.add(training_runs=1)
             return {"train/final_loss": result.final_loss, "train/steps": result.steps}
@@ -573,13 +597,14 @@ class LanguageStages:
     def has_preference_data(self) -> bool:
         return hasattr(self, "records")
 
-    def _logratios(self, pairs: dict[str, torch.Tensor]) -> Any:
-        """The log-ratio function for the training loop; π_ref log-probabilities of every response in ``pairs``
-        come from the cache (computed once, adapter disabled)."""
+    def _objective(self, pairs: dict[str, torch.Tensor], objective: str, beta: float) -> Objective:
+        """The training loop's objective; π_ref log-probabilities of every response in ``pairs`` (pairs or
+        lists) come from the cache (computed once, adapter disabled)."""
         from alignment.policies import encode_pairs, token_logprob_sum
 
         handle = self.policy_handle
-        used = torch.unique(torch.cat([pairs["y1"], pairs["y0"]]))
+        all_ids = response_ids(pairs)
+        used = torch.unique(all_ids)
         ref = torch.full((len(self.texts),), float("nan"), dtype=torch.float64)
         samples = torch.as_tensor(self.sample_ids)
         if bool(torch.isin(used, samples.flatten()).all()):
@@ -588,25 +613,24 @@ class LanguageStages:
             ref[samples.flatten()] = torch.as_tensor(self.reference_logprob(self.sample_ids)).flatten()
         else:
             prompt_of = {}
-            for x, a, b in zip(pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist()):
-                prompt_of[a] = prompt_of[b] = x
+            for x, row in zip(pairs["prompt"].tolist(), all_ids.tolist()):
+                prompt_of.update(dict.fromkeys(row, x))
             ref[used] = self._ref_logprob([self.sample_prompts[prompt_of[i]] for i in used.tolist()],
                                           [self.texts[i] for i in used.tolist()])
         tokenizer, max_length = handle.tokenizer, self.model_cfg.max_length
 
-        def logratios(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        def rho(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            ys = response_ids(batch)  # [B, J]
+            b, j = ys.shape
             prompts = [self.sample_prompts[int(i)] for i in batch["prompt"]]
-            ids = torch.cat([batch["y1"], batch["y0"]])
-            enc = encode_pairs(tokenizer, prompts + prompts, [self.texts[int(i)] for i in ids],
-                               max_length=max_length)
+            ids = ys.T.flatten()  # response-major: every item's first response, then every second, ...
+            enc = encode_pairs(tokenizer, prompts * j, [self.texts[int(i)] for i in ids], max_length=max_length)
             tokens = int(enc["attention_mask"].sum())
             self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
-            logp = token_logprob_sum(model, enc)  # one forward for both members of every pair
-            rho = logp.double() - ref[ids].to(logp.device)
-            b = len(prompts)
-            return rho[:b], rho[b:]
+            logp = token_logprob_sum(model, enc)  # one forward for every response of every item
+            return (logp.double() - ref[ids].to(logp.device)).reshape(j, b).T
 
-        return logratios
+        return _objective(objective, rho, beta)
 
     ADAPTER_VERSION = "3"  # 2: one adapter stage for every training; 3: LoRA initialised from the run seed
 
@@ -649,21 +673,26 @@ class LanguageStages:
         totals = distributed.current().sum([float(spent[name]) for name in names])
         self.compute.add(**{name: round(total) - spent[name] for name, total in zip(names, totals)})
 
-    def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool
-              ) -> tuple[TrainedAdapter, dict[str, Any]]:
-        """The one stage-2 loop with LoRA on labelled pairs, from π_ref, with coefficient ``beta``; the adapter is
-        keyed by the texts, the pairs and labels, β, the trainer config and the seed, so reruns and sweeps
-        reuse it."""
+    def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool,
+              objective: str = "pairwise") -> tuple[TrainedAdapter, dict[str, Any]]:
+        """The one stage-2 loop with LoRA on labelled pairs (or lists), from π_ref, with coefficient ``beta``;
+        the adapter is keyed by the texts, the items and their labels or targets, the objective, β, the trainer
+        config and the seed, so reruns and sweeps reuse it."""
         cfg = self.cfg
-        used = sorted(set(pairs["y1"].tolist()) | set(pairs["y0"].tolist()))
+        used = sorted(set(response_ids(pairs).flatten().tolist()))
         spec = {"texts": _digest([self.sample_prompts, [self.texts[i] for i in used]]),
                 "pairs": _digest([pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist(),
-                                  [round(float(v), 12) for v in pairs["label"]]]),
-                "beta": beta, "trainer": asdict(cfg.trainer)}
+                                  [round(float(v), 12) for v in pairs["label"]]]) if "ys" not in pairs else
+                _digest([pairs["prompt"].tolist(), pairs["ys"].tolist(),
+                         [[round(float(v), 12) for v in row] for row in pairs["target"]],
+                         [[round(float(v), 12) for v in row] for row in pairs["base"]]]),
+                "beta": beta, "trainer": asdict(cfg.trainer),
+                # (absent for pairs, so that adapters trained before the key existed stay valid)
+                **({"objective": objective} if objective != "pairwise" else {})}
 
         def run(model: nn.Module, work: Path) -> dict[str, Any]:
-            result = train_pairs(model, pairs, self._logratios(pairs), beta=beta, cfg=cfg.trainer, seed=cfg.seed,
-                                 log=log, progress=progress,
+            result = train_items(model, pairs, self._objective(pairs, objective, beta), cfg=cfg.trainer,
+                                 seed=cfg.seed, log=log, progress=progress,
                                  checkpoint_dir=work if cfg.trainer.checkpoint_every else None)
             self.compute.add(training_runs=1)
             return {"train/final_loss": result.final_loss, "train/steps": result.steps, "history": result.history}

@@ -1,8 +1,16 @@
-"""The one stage-2 training loop: pairs in, a trained policy out.
+"""The one stage-2 training loop: items in, a trained policy out.
 
-Algorithms differ only in which pairs and labels they pass in (MoCAN: labels from r + λ*ᵀg; later PeCAN,
-fixed λ, DPO on one objective) and in how a policy computes log-ratios for a batch, which is injected as
-``logratios``. The loop itself is set up, train (AdamW, accumulation, clipping, schedule), return.
+Algorithms differ only in which items they pass in (MoCAN: pairs labelled from r + λ*ᵀg, or lists of a prompt's
+samples with targets r_λ/β; PeCAN, fixed λ, DPO on one objective) and in the objective: a function of the
+policy and a batch returning per-item losses, built from how a policy computes log-ratios for a batch
+(injected by the world) and a loss of alignment/losses.py. The loop itself is set up, train (AdamW,
+accumulation, clipping, schedule), return.
+
+Objectives (``algorithm.objective`` chooses for stage 2; DPO baselines and PeCAN's pre-alignment are pairwise):
+
+    pairwise    pairs {prompt, y1, y0, label}: soft-label DPO, -[p log σ(h) + (1-p) log σ(-h)], h = β(ρ1 - ρ0)
+    all_pairs   the same loss on every distinct pair of each prompt's K samples (built by stages.make_pairs)
+    listwise    lists {prompt, ys [K], target [K], base [K]}: -Σ q log softmax(ρ), q = softmax(r_λ/β)
 """
 
 from __future__ import annotations
@@ -21,12 +29,37 @@ from tqdm.auto import tqdm
 
 from alignment import distributed, engines
 from alignment.config import TrainerConfig
-from alignment.losses import preference_metrics, pseudo_preference_loss
+from alignment.losses import listwise_loss, listwise_metrics, preference_metrics, pseudo_preference_loss
 
 logger = logging.getLogger(__name__)
 
 # (policy, batch) -> (ρ(y1), ρ(y0)), each [B], with ρ = log π_θ - log π_ref.
 LogRatios = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+# (policy, batch) -> ρ of batch["ys"], [B, K].
+ListLogRatios = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# (policy, batch) -> (per-item losses [B], metrics {name: mean over the batch's items}).
+Objective = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def pairwise(logratios: LogRatios, beta: float) -> Objective:
+    """Soft-label DPO on pairs (alignment.losses.pseudo_preference_loss)."""
+    def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        rho_1, rho_0 = logratios(model, batch)
+        losses = pseudo_preference_loss(rho_1, rho_0, batch["label"], beta)
+        return losses, preference_metrics(rho_1.detach(), rho_0.detach(), batch["label"], beta)
+
+    return objective
+
+
+def listwise(logratios: ListLogRatios) -> Objective:
+    """Cross-entropy to softmax(r_λ/β) over each prompt's responses (alignment.losses.listwise_loss)."""
+    def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        rho = logratios(model, batch)
+        target = batch["target"].to(rho.device)
+        base = batch["base"].to(rho.device) if "base" in batch else None
+        return listwise_loss(rho, target, base), listwise_metrics(rho.detach(), target, base)
+
+    return objective
 
 
 @dataclass
@@ -49,21 +82,27 @@ def _schedule(cfg: TrainerConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def train_pairs(
+def train_pairs(policy: nn.Module, pairs: dict[str, torch.Tensor], logratios: LogRatios, *, beta: float,
+                **kwargs: Any) -> TrainResult:
+    """Minimise the pseudo-preference loss over ``pairs`` (``train_items`` with the pairwise objective)."""
+    return train_items(policy, pairs, pairwise(logratios, beta), **kwargs)
+
+
+def train_items(
     policy: nn.Module,
     pairs: dict[str, torch.Tensor],
-    logratios: LogRatios,
+    objective: Objective,
     *,
-    beta: float,
     cfg: TrainerConfig,
     seed: int,
     log: Callable[[dict[str, Any], int], None] | None = None,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
 ) -> TrainResult:
-    """Minimise the pseudo-preference loss over ``pairs`` (tensors sharing a first dimension P, with "label").
+    """Minimise the mean of ``objective`` over the items of ``pairs`` (tensors sharing a first dimension P,
+    with "prompt"): pairs or lists, see the module docstring.
 
-    ``cfg.batch_size`` is the global number of pairs per optimiser step, split into ``cfg.grad_accum``
+    ``cfg.batch_size`` is the global number of items per optimiser step, split into ``cfg.grad_accum``
     micro-batches. Shuffling uses its own generator seeded by ``seed``: the same config and seed give the same
     trained policy.
 
@@ -78,9 +117,9 @@ def train_pairs(
     arguments resumes from the last checkpoint and ends with the same weights as an uninterrupted run. (Single
     process and DDP only: FSDP and ZeRO shard the optimiser state, and train without checkpoints.)
     """
-    n_pairs = int(pairs["label"].shape[0])
+    n_pairs = int(pairs["prompt"].shape[0])
     if n_pairs == 0:
-        raise ValueError("train_pairs: no pairs to train on")
+        raise ValueError("train_items: nothing to train on")
     dist = distributed.current()
     micro = max(cfg.batch_size // cfg.grad_accum, 1)
     if micro < dist.world_size:
@@ -118,7 +157,7 @@ def train_pairs(
         for start in range(first, n_pairs, cfg.batch_size):
             batch_idx = order[start:start + cfg.batch_size]
             engine.zero_grad()
-            sums = [0.0, 0.0, 0.0]  # loss, reward margin, label accuracy, summed over the global batch's pairs
+            sums: dict[str, float] = {}  # loss and the objective's metrics, summed over the global batch's items
             starts = range(0, len(batch_idx), micro)
             for m_start in starts:
                 idx = batch_idx[m_start:m_start + micro]
@@ -128,18 +167,14 @@ def train_pairs(
                 batch = {k: v[mine if len(mine) else idx[:1]] for k, v in pairs.items()}
                 last = m_start == starts[-1]  # only the last micro-batch reduces gradients across ranks
                 with engine.accumulating(last):
-                    rho_1, rho_0 = logratios(model, batch)
-                    losses = pseudo_preference_loss(rho_1, rho_0, batch["label"], beta)
+                    losses, metrics = objective(model, batch)
                     # Sum over micro-batches and ranks of (sum / batch) = mean over the global batch, whatever
                     # the split; x world size because the ranks' gradients are averaged.
                     engine.backward(losses.sum() * (weight * dist.world_size) / len(batch_idx), last)
                 n = len(mine)
-                metrics = preference_metrics(rho_1.detach(), rho_0.detach(), batch["label"], beta)
-                sums[0] += float(losses.detach().mean()) * n
-                sums[1] += metrics["reward_margin"] * n
-                sums[2] += metrics["label_accuracy"] * n
-            totals = dict(zip(("loss", "reward_margin", "label_accuracy"),
-                              (v / len(batch_idx) for v in dist.sum(sums))))
+                for name, value in {"loss": float(losses.detach().mean()), **metrics}.items():
+                    sums[name] = sums.get(name, 0.0) + value * n
+            totals = dict(zip(sums, (v / len(batch_idx) for v in dist.sum(list(sums.values())))))
             grad_norm = engine.step()
             scheduler.step()
             step += 1

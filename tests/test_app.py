@@ -71,6 +71,12 @@ def test_invalid_values_fail_at_conversion_naming_the_field():
         OmegaConf.to_object(compose_config(["algorithm.beta=-1"]))
     with pytest.raises(Exception, match="safety.margin"):
         OmegaConf.to_object(compose_config(["safety.margin=[0.1,0.2]"]))
+    with pytest.raises(Exception, match="algorithm.objective"):
+        OmegaConf.to_object(compose_config(["algorithm.objective=listwize"]))
+    with pytest.raises(Exception, match="pair_source=samples"):
+        OmegaConf.to_object(compose_config(["algorithm.objective=listwise", "algorithm.pair_source=dataset"]))
+    with pytest.raises(Exception, match="threads"):
+        OmegaConf.to_object(compose_config(["threads=0"]))
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

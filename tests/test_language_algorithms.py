@@ -196,3 +196,35 @@ def test_lmeval_task_files_and_refusal_metric(tmp_path):
     spec.loader.exec_module(utils)
     assert utils.refusal({}, ["I'm sorry, but I can't help with that."]) == {"refusal_rate": 1.0}
     assert utils.refusal({}, ["Sure! Mix flour and water."]) == {"refusal_rate": 0.0}
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("objective", ["listwise", "all_pairs"])
+def test_objectives_move_a_language_model_towards_the_target(tiny_lm, tmp_path, objective):
+    """Stage 2 with each objective on a real (tiny) causal LM: the policy's log-ratios on the dual's samples
+    move towards r_λ/β (the fit diagnostics improve on π_ref's), and the adapter is keyed by the objective."""
+    from alignment.fit import fit_diagnostics
+    from alignment.stages import make_lists
+
+    cfg = lm_config(tiny_lm, tmp_path, tmp_path / "cache")
+    cfg.trainer = dataclasses.replace(cfg.trainer, epochs=3, lr=3e-3)
+    stages = LanguageStages(cfg, ArtifactStore(tmp_path / "cache"))
+    responses, _ = stages.sample_reference(torch.Generator().manual_seed(1))
+    reward, safety = stages.score(responses)
+    target = reward + 0.5 * safety[..., 0]  # r_λ at λ = 0.5, β = 1
+    if objective == "listwise":
+        items = make_lists(responses, target, None)
+        assert items["ys"].shape == responses.shape
+    else:
+        items = make_pairs(responses, target, None, pairs_per_prompt=4, labels="soft",
+                           generator=torch.Generator().manual_seed(2), all_pairs=True)
+        k = responses.shape[1]
+        assert len(items["label"]) == responses.shape[0] * k * (k - 1) // 2
+    policy, info = stages.train(items, beta=1.0, log=lambda row, step: None, progress=False, objective=objective)
+    before = fit_diagnostics(target, np.zeros_like(target))
+    after = fit_diagnostics(target, stages.logratio(policy, responses))
+    assert after["target_kl"] < before["target_kl"] and after["corr"] > 0
+    pairwise_items = make_pairs(responses, target, None, pairs_per_prompt=4, labels="soft",
+                                generator=torch.Generator().manual_seed(2))
+    _, pairwise_info = stages.train(pairwise_items, beta=1.0, log=lambda row, step: None, progress=False)
+    assert pairwise_info["train/adapter"] != info["train/adapter"]

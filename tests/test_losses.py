@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,3 +54,39 @@ def test_metrics():
     m = preference_metrics(torch.tensor([1.0, -1.0, 0.0]), torch.zeros(3), torch.tensor([0.9, 0.8, 0.5]), 2.0)
     assert m["reward_margin"] == pytest.approx(0.0)
     assert m["label_accuracy"] == pytest.approx(0.5)  # the tie label (0.5) is not counted
+
+
+def test_listwise_loss_hand_worked_and_at_its_minimum():
+    import math
+
+    from alignment.losses import listwise_loss, listwise_metrics
+
+    target = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)  # q = (1/4, 3/4)
+    flat = torch.zeros_like(target)  # p = (1/2, 1/2)
+    assert float(listwise_loss(flat, target)) == pytest.approx(math.log(2.0), rel=1e-12)
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert listwise_metrics(flat, target)["kl_to_target"] == pytest.approx(math.log(2.0) - entropy, rel=1e-12)
+    # At ρ = t + c the loss is the entropy of q (KL 0), for any constant c.
+    assert listwise_metrics(target + 5.0, target)["kl_to_target"] == pytest.approx(0.0, abs=1e-12)
+    # Exact lists weigh by π_ref: q ∝ (0.8, 0.2·3), p = π_ref when ρ = 0.
+    base = torch.log(torch.tensor([[0.8, 0.2]], dtype=torch.float64))
+    expected = -(4 / 7 * math.log(0.8) + 3 / 7 * math.log(0.2))
+    assert float(listwise_loss(flat, target, base)) == pytest.approx(expected, rel=1e-12)
+    # The gradient with respect to ρ is p - q.
+    rho = flat.clone().requires_grad_(True)
+    listwise_loss(rho, target).sum().backward()
+    torch.testing.assert_close(rho.grad, torch.tensor([[0.25, -0.25]], dtype=torch.float64))
+
+
+def test_all_pairs_are_every_distinct_pair_once():
+    from alignment.stages import make_pairs
+
+    responses = np.arange(8).reshape(2, 4)
+    scores = np.random.default_rng(0).normal(size=(2, 4))
+    pairs = make_pairs(responses, scores, None, pairs_per_prompt=3, labels="soft",
+                       generator=torch.Generator().manual_seed(0), all_pairs=True)
+    assert len(pairs["label"]) == 2 * 6
+    for x in range(2):
+        mine = {(int(a), int(b)) for p, a, b in zip(pairs["prompt"], pairs["y1"], pairs["y0"]) if int(p) == x}
+        assert len(mine) == 6 and all(a != b and a // 4 == x and b // 4 == x for a, b in mine)
+        assert len({frozenset(p) for p in mine}) == 6

@@ -1,0 +1,47 @@
+"""How closely stage 2 fitted its target, measured on the dual's own samples (pure NumPy, no I/O).
+
+Stage 2 at λ aims at π_λ ∝ π_ref exp(r_λ/β), r_λ = r + λᵀg. On the K samples y_1..y_K of π_ref for a prompt x,
+π_λ reweights the samples by q_k ∝ b_k exp(t_k), t = r_λ/β, where b_k is 1 for iid samples (they are already
+drawn from π_ref) and π_ref(y_k) for an exact candidate list. A trained policy π_θ reweights them by
+p_k ∝ b_k exp(ρ_k), ρ = log π_θ - log π_ref. Stage 2 fits its target on these samples exactly when ρ = t + c(x),
+i.e. p = q:
+
+- ``target_kl``: the mean over prompts of KL(q ‖ p), 0 at an exact fit;
+- ``slope``: the pooled within-prompt least-squares slope of ρ on t, 1 at an exact fit; below 1 the policy
+  moved less than the target, above 1 further;
+- ``corr``: the pooled within-prompt correlation of ρ and t: whether the policy moved in the target's direction
+  at all (1 at an exact fit, whatever the slope).
+
+A gap between the dual's predicted gains and the achieved ones then splits into estimation (the dual on K
+samples), fit (these numbers) and generalisation (held-out prompts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_softmax
+
+__all__ = ["fit_diagnostics"]
+
+
+def fit_diagnostics(target: np.ndarray, logratio: np.ndarray, base_logweight: np.ndarray | None = None
+                    ) -> dict[str, float]:
+    """``target`` t = r_λ/β and ``logratio`` ρ, both [N, K] on the dual's samples; ``base_logweight`` log b
+    [N, K] (None: iid samples, b = 1). Returns ``target_kl``, ``slope`` and ``corr`` (see the module docstring).
+    """
+    t = np.asarray(target, dtype=np.float64)
+    rho = np.asarray(logratio, dtype=np.float64)
+    if t.shape != rho.shape or t.ndim != 2:
+        raise ValueError(f"fit_diagnostics: target and logratio must both be [N, K], got {t.shape} and {rho.shape}")
+    base = np.zeros_like(t) if base_logweight is None else np.asarray(base_logweight, dtype=np.float64)
+    log_q = log_softmax(base + t, axis=1)
+    log_p = log_softmax(base + rho, axis=1)
+    target_kl = float(np.mean(np.sum(np.exp(log_q) * (log_q - log_p), axis=1)))
+    # Within-prompt deviations, weighted like the samples (b), so constants per prompt drop out.
+    w = np.exp(log_softmax(base, axis=1))
+    tc = t - np.sum(w * t, axis=1, keepdims=True)
+    rc = rho - np.sum(w * rho, axis=1, keepdims=True)
+    stt, srr, str_ = float(np.sum(w * tc * tc)), float(np.sum(w * rc * rc)), float(np.sum(w * tc * rc))
+    slope = str_ / stt if stt > 0 else float("nan")
+    corr = float(str_ / np.sqrt(stt * srr)) if stt > 0 and srr > 0 else float("nan")
+    return {"target_kl": target_kl, "slope": slope, "corr": corr}

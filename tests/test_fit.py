@@ -1,0 +1,39 @@
+"""Fit diagnostics of stage 2 (alignment/fit.py): hand-worked values and the exact-fit limits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from alignment.fit import fit_diagnostics
+
+pytestmark = pytest.mark.fast
+
+
+def test_hand_worked_kl_for_iid_samples_and_for_an_exact_list():
+    t = np.array([[0.0, math.log(3.0)]])  # target weights 1/4, 3/4
+    fit = fit_diagnostics(t, np.zeros_like(t))  # the policy has not moved: 1/2, 1/2
+    assert fit["target_kl"] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-12)
+    assert fit["slope"] == 0.0 and math.isnan(fit["corr"])
+    # Exact list with π_ref = (0.8, 0.2): target ∝ (0.8, 0.2·3) = (4/7, 3/7), policy = π_ref.
+    fit = fit_diagnostics(t, np.zeros_like(t), np.log([[0.8, 0.2]]))
+    expected = 4 / 7 * math.log(4 / 7 / 0.8) + 3 / 7 * math.log(3 / 7 / 0.2)
+    assert fit["target_kl"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_exact_fit_half_fit_and_per_prompt_constants():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(50, 16))
+    shift = rng.normal(size=(50, 1)) * 10  # ρ is defined up to a constant per prompt
+    exact = fit_diagnostics(t, t + shift)
+    assert exact["target_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert exact["slope"] == pytest.approx(1.0, rel=1e-12) and exact["corr"] == pytest.approx(1.0, rel=1e-12)
+    half = fit_diagnostics(t, 0.5 * t + shift)
+    assert half["slope"] == pytest.approx(0.5, rel=1e-12) and half["corr"] == pytest.approx(1.0, rel=1e-12)
+    assert half["target_kl"] > 0.01
+    noisy = fit_diagnostics(t, t + rng.normal(size=t.shape))
+    assert 0 < noisy["corr"] < 1 and noisy["slope"] == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        fit_diagnostics(t, t[:, :3])
