@@ -36,7 +36,8 @@ def fit_diagnostics(target: np.ndarray, logratio: np.ndarray, base_logweight: np
     base = np.zeros_like(t) if base_logweight is None else np.asarray(base_logweight, dtype=np.float64)
     log_q = log_softmax(base + t, axis=1)
     log_p = log_softmax(base + rho, axis=1)
-    target_kl = float(np.mean(np.sum(np.exp(log_q) * (log_q - log_p), axis=1)))
+    # Each prompt's KL is >= 0; at an exact fit rounding can leave -1e-17, which is 0.
+    target_kl = max(float(np.mean(np.sum(np.exp(log_q) * (log_q - log_p), axis=1))), 0.0)
     # Within-prompt deviations, weighted like the samples (b), so constants per prompt drop out.
     w = np.exp(log_softmax(base, axis=1))
     tc = t - np.sum(w * t, axis=1, keepdims=True)

@@ -46,7 +46,8 @@ def make_pairs(responses: np.ndarray, scores: np.ndarray, ref_logprob: np.ndarra
     """Pairs (y0, y1) of π_ref responses of the same prompt, labelled by σ(s(y1) - s(y0)) for a score s [N, K]
     (MoCAN: s = r_λ = r + λᵀg; synthetic preference data: s = the gold reward or one safety score).
 
-    iid samples: ``pairs_per_prompt`` pairs of sample positions drawn uniformly, i.e. y0, y1 ~ π_ref.
+    iid samples: ``pairs_per_prompt`` pairs of two distinct sample positions drawn uniformly, i.e. y0, y1 ~ π_ref
+    (a position paired with itself has label 1/2 and h = 0 for every policy: no gradient, wasted compute).
     Exact lists (ref_logprob given), or ``all_pairs``: every pair of distinct positions, K(K-1)/2 per prompt.
     Soft labels are realisable by π_λ, so any pair distribution with full support has the same optimum; the
     uniform one converges fastest.
@@ -55,7 +56,7 @@ def make_pairs(responses: np.ndarray, scores: np.ndarray, ref_logprob: np.ndarra
     if ref_logprob is None and not all_pairs:
         per = pairs_per_prompt
         pos_1 = torch.randint(0, k, (n * per,), generator=generator)
-        pos_0 = torch.randint(0, k, (n * per,), generator=generator)
+        pos_0 = (pos_1 + torch.randint(1, k, (n * per,), generator=generator)) % k  # uniform over the others
     else:
         i, j = torch.triu_indices(k, k, offset=1)
         per = len(i)

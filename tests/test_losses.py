@@ -90,3 +90,15 @@ def test_all_pairs_are_every_distinct_pair_once():
         mine = {(int(a), int(b)) for p, a, b in zip(pairs["prompt"], pairs["y1"], pairs["y0"]) if int(p) == x}
         assert len(mine) == 6 and all(a != b and a // 4 == x and b // 4 == x for a, b in mine)
         assert len({frozenset(p) for p in mine}) == 6
+
+
+def test_sampled_pairs_never_pair_a_sample_with_itself():
+    from alignment.stages import make_pairs
+
+    responses = np.arange(40).reshape(10, 4)
+    pairs = make_pairs(responses, np.zeros((10, 4)), None, pairs_per_prompt=64, labels="soft",
+                       generator=torch.Generator().manual_seed(0))
+    assert len(pairs["label"]) == 640 and bool((pairs["y1"] != pairs["y0"]).all())
+    assert bool((pairs["y1"] // 4 == pairs["prompt"]).all() and (pairs["y0"] // 4 == pairs["prompt"]).all())
+    # Every ordered pair of distinct positions turns up: 12 per prompt.
+    assert len({(int(a), int(b)) for a, b in zip(pairs["y1"], pairs["y0"])}) == 10 * 12
