@@ -310,7 +310,7 @@ class AlgorithmConfig:
     labels: str = "soft"  # soft: p = σ(Δ r_λ) in the loss; sampled: Bernoulli(p) hard labels (the paper)
     pairs_per_prompt: int = 8
     pair_source: str = "samples"  # samples: pairs of π_ref samples; dataset: the dataset's own response pairs
-    # Stage 2's objective on π_ref's samples (alignment/training.py OBJECTIVES): pairwise (pairs_per_prompt
+    # Stage 2's objective on π_ref's samples (alignment/training.py's docstring): pairwise (pairs_per_prompt
     # sampled pairs, soft/sampled labels), all_pairs (every distinct pair of a prompt's K samples) or listwise
     # (cross-entropy between softmax(r_λ/β) and softmax(ρ) over each prompt's K samples)
     objective: str = "pairwise"

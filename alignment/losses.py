@@ -55,13 +55,20 @@ def listwise_loss(logratio: torch.Tensor, target: torch.Tensor, base_logweight: 
     return -(log_q.exp() * log_p).sum(dim=-1)
 
 
-def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None
-                     ) -> dict[str, float]:
-    """KL(q ‖ p) between the target's and the policy's weights (0 at the target), mean over the batch."""
+def target_entropy(target: torch.Tensor, base_logweight: torch.Tensor | None = None) -> torch.Tensor:
+    """H(q) of the listwise target q = softmax(b + t), shape [B]: the listwise loss's minimum."""
     base = torch.zeros_like(target) if base_logweight is None else base_logweight
     log_q = torch.log_softmax(base + target, dim=-1)
-    entropy = -(log_q.exp() * log_q).sum(dim=-1)
-    return {"kl_to_target": float((listwise_loss(logratio, target, base_logweight) - entropy).mean())}
+    return -(log_q.exp() * log_q).sum(dim=-1)
+
+
+def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None,
+                     losses: torch.Tensor | None = None) -> dict[str, float]:
+    """KL(q ‖ p) = loss - H(q) between the target's and the policy's weights (0 at the target), mean over the
+    batch; ``losses``: the batch's listwise losses when already computed."""
+    if losses is None:
+        losses = listwise_loss(logratio, target, base_logweight)
+    return {"kl_to_target": float((losses.detach() - target_entropy(target, base_logweight)).mean())}
 
 
 def preference_metrics(logratio_1: torch.Tensor, logratio_0: torch.Tensor, label: torch.Tensor,

@@ -82,6 +82,19 @@ def response_ids(items: dict[str, torch.Tensor]) -> torch.Tensor:
     return items["ys"] if "ys" in items else torch.stack([items["y1"], items["y0"]], dim=1)
 
 
+def _items_digest(items: dict[str, torch.Tensor]) -> str:
+    """The identity of stage-2 items: prompts, responses and labels (pairs) or targets and base weights (lists),
+    the floats rounded to 12 digits so that summation-order noise does not change it."""
+    def rounded(values: torch.Tensor) -> list:
+        return torch.round(values.double(), decimals=12).tolist()
+
+    if "ys" in items:
+        return _digest([items["prompt"].tolist(), items["ys"].tolist(), rounded(items["target"]),
+                        rounded(items["base"])])
+    return _digest([items["prompt"].tolist(), items["y1"].tolist(), items["y0"].tolist(),
+                    [round(float(v), 12) for v in items["label"]]])
+
+
 def _objective(name: str, rho: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor], beta: float) -> Objective:
     """The training objective ``name`` from a world's log-ratio function ρ(policy, batch) -> [B, J]."""
     if name == "listwise":
@@ -682,11 +695,7 @@ class LanguageStages:
         cfg = self.cfg
         used = sorted(set(response_ids(pairs).flatten().tolist()))
         spec = {"texts": _digest([self.sample_prompts, [self.texts[i] for i in used]]),
-                "pairs": _digest([pairs["prompt"].tolist(), pairs["y1"].tolist(), pairs["y0"].tolist(),
-                                  [round(float(v), 12) for v in pairs["label"]]]) if "ys" not in pairs else
-                _digest([pairs["prompt"].tolist(), pairs["ys"].tolist(),
-                         [[round(float(v), 12) for v in row] for row in pairs["target"]],
-                         [[round(float(v), 12) for v in row] for row in pairs["base"]]]),
+                "pairs": _items_digest(pairs),
                 "beta": beta, "trainer": asdict(cfg.trainer),
                 # (absent for pairs, so that adapters trained before the key existed stay valid)
                 **({"objective": objective} if objective != "pairwise" else {})}

@@ -107,12 +107,12 @@ class WandbTracker:
     def finish(self, summary: dict[str, Any] | None = None) -> None:
         if summary:
             self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
-        where = self.run.settings.sync_dir if self.mode == "offline" else self.run.url
+        sync_dir, url = self.run.settings.sync_dir, self.run.url  # read before finish() closes the run
         self.run.finish()
         if self.mode == "offline":
-            log.info("W&B run %s saved offline; upload it with: wandb sync %s", self.run.id, where)
-        elif where:
-            log.info("W&B run %s: %s", self.run.id, where)
+            log.info("W&B run %s saved offline; upload it with: wandb sync %s", self.run.id, sync_dir)
+        elif url:
+            log.info("W&B run %s: %s", self.run.id, url)
 
 
 def _has_api_key() -> bool:

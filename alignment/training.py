@@ -57,7 +57,8 @@ def listwise(logratios: ListLogRatios) -> Objective:
         rho = logratios(model, batch)
         target = batch["target"].to(rho.device)
         base = batch["base"].to(rho.device) if "base" in batch else None
-        return listwise_loss(rho, target, base), listwise_metrics(rho.detach(), target, base)
+        losses = listwise_loss(rho, target, base)
+        return losses, listwise_metrics(rho, target, base, losses=losses)
 
     return objective
 
