@@ -2,6 +2,8 @@
 the summary are shared (alignment/experiment.py); so are the one training loop and the world's stages.
 
     mocan         λ* from the dual on scored π_ref samples, then one stage-2 run on r + λ*ᵀg
+    mocan_newton  MoCAN, then one Newton correction of λ from the trained policy's measured slack and a
+                  second stage-2 run (two shots: for when stage 2 cannot reach π_λ* within its budget)
     pecan         the same on implicit rewards β log π/π_ref of DPO-pre-aligned policies (no scorers)
     primal_dual   dual ascent, retraining stage 2 at every λ_t (cold start, or warm from λ*)
     safe_rlhf     online Lagrangian policy gradient (alignment/online.py)
@@ -26,7 +28,7 @@ import torch
 
 from alignment import distributed
 from alignment.config import AlgorithmConfig, Config
-from alignment.dual import BootstrapResult, DualSolution, bootstrap, solve_dual
+from alignment.dual import BootstrapResult, DualSolution, bootstrap, dual_terms, newton_correction, solve_dual
 from alignment.multiplier import LagrangeMultiplier
 from alignment.online import safe_rlhf_train
 from alignment.stages import make_lists, make_pairs, reference_means
@@ -153,6 +155,35 @@ def mocan(ctx: AlignmentContext) -> Outcome:
     choice = ctx.dual(ctx.reward, ctx.safety)
     policy, info = ctx.stage2(ctx.reward, ctx.safety, choice.lam)
     return Outcome(policy, choice.lam, choice, info, (ctx.reward, ctx.safety))
+
+
+def mocan_newton(ctx: AlignmentContext) -> Outcome:
+    """MoCAN plus one correction: where stage 2 falls short of π_λ* (a policy that moves only part of the way
+    to its target), measure the shortfall and retrain once at the λ that compensates it.
+
+    π_0 = stage 2 at λ* (MoCAN's policy, the same cached adapter); s = Ê_{π_0} g - E_ref g - b, the slack of π_0
+    on the dual's prompts from fresh samples; λ_1 = Π_{λ >= 0}(λ* - H⁻¹ s) with H = ∇²D(λ*) = E Cov_{π_λ*}(g)/β
+    (dual.newton_correction); the policy is stage 2 at λ_1. Cost: two stage-2 runs and one sampling pass,
+    against primal-dual's T; the predictions it reports are π_λ1's, so one-shot MoCAN stays the honest test
+    of the dual's forecast.
+    """
+    cfg = ctx.cfg.algorithm
+    choice = ctx.dual(ctx.reward, ctx.safety)
+    first, first_info = ctx.stage2(ctx.reward, ctx.safety, choice.lam, phase="train")
+    with ctx.timed("probe"):
+        _, safety_0 = ctx.world.policy_scores(first, cfg.newton.num_samples, ctx.generator)
+    slack = safety_0.mean(axis=0) - reference_means(ctx.safety, ctx.ref_logprob).mean(axis=0) - ctx.margins
+    hessian = dual_terms(ctx.reward, ctx.safety, ctx.margins, cfg.beta, choice.lam,
+                         ref_logprob=ctx.ref_logprob).hessian
+    lam = newton_correction(choice.lam, slack, hessian)
+    ctx.tracker.log({"mocan_newton/slack0": float(slack[0]), "mocan_newton/lambda1": float(lam[0])},
+                    step=ctx.tracker.last_step + 1)
+    policy, info = ctx.stage2(ctx.reward, ctx.safety, lam, phase="newton")
+    info.update({"mocan_newton/lambda0": choice.lam.tolist(), "mocan_newton/slack0": slack.tolist(),
+                 "mocan_newton/hessian": hessian.tolist(), "mocan_newton/lambda1": lam.tolist(),
+                 "mocan_newton/first_adapter": first_info.get("train/adapter"),
+                 "train/steps": (first_info.get("train/steps") or 0) + (info.get("train/steps") or 0)})
+    return Outcome(policy, lam, choice, info, (ctx.reward, ctx.safety))
 
 
 def pecan(ctx: AlignmentContext) -> Outcome:
@@ -297,6 +328,7 @@ Algorithm = Callable[[AlignmentContext], Outcome]
 
 ALGORITHMS: dict[str, Algorithm] = {
     "mocan": mocan,
+    "mocan_newton": mocan_newton,
     "pecan": pecan,
     "primal_dual": primal_dual,
     "safe_rlhf": safe_rlhf,

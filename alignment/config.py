@@ -272,6 +272,20 @@ class PrimalDualConfig:
 
 
 @dataclass
+class NewtonConfig:
+    """``algorithm=mocan_newton``: MoCAN, then one correction of λ from the trained policy's measured slack.
+
+    π_0 = stage 2 at λ*; s = Ê_{π_0} g - E_ref g - b on the dual's prompts from ``num_samples`` fresh samples per
+    prompt; λ_1 = max(0, λ* - ∇²D(λ*)⁻¹ s) (the dual's own curvature); the policy is stage 2 at λ_1.
+    """
+
+    num_samples: int = 8  # samples of π_0 per dual prompt for the slack
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_samples")
+
+
+@dataclass
 class SafeRLHFConfig:
     """``algorithm=safe_rlhf``: online Lagrangian policy gradient as Safe-RLHF's PPO-Lag does it.
 
@@ -305,7 +319,7 @@ class AlgorithmConfig:
     """How λ (and the policy) are chosen. One schema for every algorithm so sweeps can vary ``name`` alone;
     fields an algorithm does not use are ignored by it (alignment/algorithms.py says which use what)."""
 
-    name: str = "mocan"  # mocan | pecan | safe_rlhf | primal_dual | dpo | fixed_lambda | reference
+    name: str = "mocan"  # mocan | mocan_newton | pecan | safe_rlhf | primal_dual | dpo | fixed_lambda | reference
     beta: float = 0.1  # KL coefficient β: the same β in the dual and in the stage-2 loss
     labels: str = "soft"  # soft: p = σ(Δ r_λ) in the loss; sampled: Bernoulli(p) hard labels (the paper)
     pairs_per_prompt: int = 8
@@ -320,6 +334,7 @@ class AlgorithmConfig:
     beta_helpful: float | None = None  # pecan: β_h of the helpfulness pre-alignment (null: beta)
     beta_safe: float | None = None  # pecan: β_s of the safety pre-alignments (null: beta)
     primal_dual: PrimalDualConfig = field(default_factory=PrimalDualConfig)
+    newton: NewtonConfig = field(default_factory=NewtonConfig)
     safe_rlhf: SafeRLHFConfig = field(default_factory=SafeRLHFConfig)
 
     def __post_init__(self) -> None:
@@ -403,6 +418,10 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for confidence intervals of the achieved gains
     level: float = 0.95
     num_samples: int = 4  # language models: responses per held-out prompt from the policy and from π_ref
+    # insample/*: fresh responses per dual prompt from the trained policy, scored against π_ref's own samples
+    # (the dual's data), which splits the predicted-vs-held-out gap into fit and generalisation; 0 skips it.
+    # The tabular world with sampling.exact measures it exactly.
+    insample_samples: int = 4
     max_prompts: int | None = None  # cap on held-out prompts (None: all)
     table_rows: int = 16  # sample generations logged as a table
     # Allowance, in safety units, for "constraint met": stage 2 is a finite optimisation from samples.
@@ -413,6 +432,14 @@ class EvalConfig:
                                                              "capability_arith"])
     lmeval_limit: int | None = None  # documents per task (None: all)
     lmeval_max_gen_toks: int = 48
+
+    def __post_init__(self) -> None:
+        _positive(self, "bootstrap", "num_samples")
+        if not 0 < self.level < 1:
+            raise ValueError(f"eval.level: a confidence level in (0, 1), got {self.level}")
+        if self.insample_samples < 0:
+            raise ValueError(f"eval.insample_samples: responses per dual prompt, >= 0 (0 skips insample/*), "
+                             f"got {self.insample_samples}")
 
 
 @dataclass

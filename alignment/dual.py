@@ -326,6 +326,21 @@ def _newton_direction(lam: np.ndarray, grad: np.ndarray, hessian: np.ndarray) ->
     return d
 
 
+def newton_correction(lam: Any, slack: Any, hessian: Any) -> np.ndarray:
+    """One projected Newton step from λ on a measured slack: λ' = Π_{λ >= 0}(λ + d), with d the projected-Newton
+    direction for gradient ``slack`` [m] and curvature ``hessian`` [m, m] (Bertsekas; _newton_direction).
+
+    ∇D(λ) is the slack E_{π_λ} g - E_ref g - b of π_λ and ∇²D(λ) = E_x Cov_{π_λ}(g|x)/β its derivative in λ. If a
+    trained policy's slack s moves with λ as π_λ's does, the λ whose trained policy has zero slack is λ - H⁻¹s:
+    a constraint that the policy trained at λ* misses by -s gets λ raised by H⁻¹(-s). Shapes: [m], [m], [m, m].
+    """
+    lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+    slack = np.asarray(slack, dtype=np.float64).reshape(lam.shape)
+    hessian = np.asarray(hessian, dtype=np.float64).reshape(len(lam), len(lam))
+    _check_finite(slack, "slack")
+    return np.maximum(lam + _newton_direction(lam, slack, hessian), 0.0)
+
+
 def _projected_gradient_norm(lam: np.ndarray, grad: np.ndarray) -> float:
     """‖λ - Π_{λ >= 0}(λ - ∇D)‖∞: zero exactly at a KKT point of min_{λ >= 0} D."""
     return float(np.abs(lam - np.maximum(lam - grad, 0.0)).max())

@@ -25,7 +25,7 @@ from alignment.console import quiet_libraries
 from alignment.dual import dual_path, dual_terms
 from alignment.fit import fit_diagnostics
 from alignment.provenance import run_info, seed_everything
-from alignment.stages import build_stages, percentile_interval
+from alignment.stages import build_stages, percentile_interval, reference_means
 from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json
 from alignment.threads import set_threads
 from alignment.tracking import MultiTracker, make_tracker
@@ -81,11 +81,12 @@ COMMON_KEYS = (
     "predicted/safety_gain_ci", "predicted/reward_gain_ci", "predicted/kl_ci",
     "train/final_loss", "train/steps", "train/pairs", "train/cached", "train/adapter",
     "fit/target_kl", "fit/slope", "fit/corr",
+    "insample/safety_gain", "insample/safety_gain_ci", "insample/reward_gain", "insample/reward_gain_ci",
 )
 
 # Algorithms whose policy is a stage-2 run towards π_λ at the λ they report: their fit to that target on the
 # dual's own samples is measured (alignment/fit.py).
-TRAINED_TOWARDS_LAMBDA = ("mocan", "pecan", "fixed_lambda", "primal_dual")
+TRAINED_TOWARDS_LAMBDA = ("mocan", "mocan_newton", "pecan", "fixed_lambda", "primal_dual")
 
 
 # Wall-time stages (``time/<stage>``, seconds); a stage an algorithm does not have reads 0. ``probe``: sampling
@@ -196,9 +197,10 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
                                "constraints": list(cfg.safety.constraints), "world": cfg.dataset.name,
                                "model": cfg.model.name, "threads": n_threads, "status": "running", **dict.fromkeys(COMMON_KEYS)}
     # Separate streams per purpose, so e.g. changing pairs_per_prompt does not change π_ref's samples.
-    streams = np.random.SeedSequence(cfg.seed).spawn(4)
-    gen_sample, gen_pairs = (torch.Generator().manual_seed(int(s.generate_state(1)[0])) for s in streams[:2])
-    eval_rng = np.random.default_rng(streams[3])
+    streams = np.random.SeedSequence(cfg.seed).spawn(5)
+    gen_sample, gen_pairs, gen_insample = (torch.Generator().manual_seed(int(s.generate_state(1)[0]))
+                                           for s in streams[:3])
+    eval_rng, insample_rng = np.random.default_rng(streams[3]), np.random.default_rng(streams[4])
     stages = None
     compute_spent: dict[str, Any] = {}
     try:
@@ -233,6 +235,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
             _dual_curve(*outcome.dual_scores, outcome.choice.lam, cfg, ref_logprob, tracker)
         with _timed(times, "evaluate"):
             summary.update(_fit(outcome, ctx))
+            summary.update(_insample(outcome, ctx, gen_insample, insample_rng))
             evaluation = stages.evaluate(outcome.policy, outcome.lam, eval_rng, tracker)
         safety_draws = evaluation.pop("eval/safety_draws")
         _save_arrays(run_dir / "arrays.npz", ctx, evaluation.pop("eval/reward_draws"), safety_draws,
@@ -284,6 +287,26 @@ def _fit(outcome: Outcome, ctx: AlignmentContext) -> dict[str, Any]:
     return {f"fit/{k}": v for k, v in fit.items()}
 
 
+def _insample(outcome: Outcome, ctx: AlignmentContext, generator: torch.Generator, rng: np.random.Generator
+              ) -> dict[str, Any]:
+    """``insample/*``: the trained policy's gains on the dual's own prompts, from ``eval.insample_samples`` fresh
+    samples per prompt against π_ref's scored samples (the data the dual predicted from), with bootstrap
+    intervals over prompts. Predicted vs in-sample is estimation and fit; in-sample vs held-out (``eval/*``) is
+    generalisation to new prompts. Like ``fit/*`` it is a diagnostic, not counted in the method's compute."""
+    n_samples = ctx.cfg.eval.insample_samples
+    if outcome.policy is None or n_samples == 0:
+        return {}
+    reward, safety = ctx.world.policy_scores(outcome.policy, n_samples, generator)  # [N], [N, m]
+    reward_gain = reward - reference_means(ctx.reward, ctx.ref_logprob)  # [N]
+    safety_gain = safety - reference_means(ctx.safety, ctx.ref_logprob)  # [N, m]
+    n, level = len(reward_gain), ctx.cfg.eval.level
+    idx = rng.integers(0, n, size=(ctx.cfg.eval.bootstrap, n))
+    return {"insample/safety_gain": safety_gain.mean(axis=0).tolist(),
+            "insample/safety_gain_ci": percentile_interval(safety_gain[idx].mean(axis=1), level),
+            "insample/reward_gain": float(reward_gain.mean()),
+            "insample/reward_gain_ci": percentile_interval(reward_gain[idx].mean(axis=1), level)}
+
+
 def format_report(summary: dict[str, Any]) -> str:
     """The lines a user reads at the end of a run: λ, predicted and achieved gains with intervals, compute."""
 
@@ -307,16 +330,27 @@ def format_report(summary: dict[str, Any]) -> str:
                    f"{ci(summary.get('eval/win_rate_safety_ci'))}")
     else:
         closing = ""
+    def gains(name: str) -> list[str]:
+        # Predicted (the dual on π_ref's samples), in-sample (fresh samples on the dual's prompts) and
+        # held-out: estimation + fit, then generalisation.
+        rows = [("predicted", "predicted"), ("in-sample", "insample"), ("held-out", "eval")]
+        if summary.get(f"insample/{name}_gain") is None:
+            rows.pop(1)
+        return [f"{name + ' gain' if i == 0 else '':13}{label:10}{vec(summary.get(f'{key}/{name}_gain'))}"
+                f"{ci(summary.get(f'{key}/{name}_gain_ci'))}" for i, (label, key) in enumerate(rows)]
+
     compute = summary.get("compute/training_runs")
     return "\n".join([
         f"algorithm {summary.get('algorithm/label', summary['algorithm'])}  margin {vec(summary['margin'])}  "
         f"beta {summary['beta']}",
-        f"{'lambda*' if summary['algorithm'] in ('mocan', 'pecan') else 'lambda':23}{vec(summary['dual/lambda'])}{ci(summary.get('dual/lambda_ci'))}",
-        f"safety gain  predicted {vec(summary['predicted/safety_gain'])}{ci(summary.get('predicted/safety_gain_ci'))}",
-        f"             achieved  {vec(summary['eval/safety_gain'])}{ci(summary.get('eval/safety_gain_ci'))}",
-        f"reward gain  predicted {vec(summary['predicted/reward_gain'])}{ci(summary.get('predicted/reward_gain_ci'))}",
-        f"             achieved  {vec(summary['eval/reward_gain'])}{ci(summary.get('eval/reward_gain_ci'))}",
-        f"KL           predicted {vec(summary['predicted/kl'])}  achieved {vec(summary['eval/kl'])}",
+        *([f"lambda* (first shot)   {vec(summary['mocan_newton/lambda0'])}{ci(summary.get('dual/lambda_ci'))}  "
+           f"in-sample slack {vec(summary['mocan_newton/slack0'])} -> one Newton step"]
+          if summary.get("mocan_newton/lambda0") is not None else []),
+        f"{'lambda*' if summary['algorithm'] in ('mocan', 'pecan') else 'lambda':23}{vec(summary['dual/lambda'])}"
+        f"{ci(summary.get('dual/lambda_ci')) if summary.get('mocan_newton/lambda0') is None else ''}",
+        *gains("safety"),
+        *gains("reward"),
+        f"KL           predicted {vec(summary['predicted/kl'])}  held-out {vec(summary['eval/kl'])}",
         *([f"fit to π_λ on the dual's samples: KL(target ‖ policy) {summary['fit/target_kl']:.4f}  "
            f"slope {summary['fit/slope']:.3f}  corr {summary['fit/corr']:.3f}  (exact fit: 0, 1, 1)"]
           if summary.get("fit/target_kl") is not None else []),

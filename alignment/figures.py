@@ -31,12 +31,12 @@ from alignment.report import Job, Point, Sweep, load_sweep, sweep_points  # noqa
 
 # The paper's names, and one colour per algorithm in every figure.
 NAMES = {
-    "mocan": "MoCAN", "pecan": "PeCAN", "primal_dual_cold": "Primal-dual (cold start)",
+    "mocan": "MoCAN", "mocan_newton": "MoCAN + Newton step", "pecan": "PeCAN", "primal_dual_cold": "Primal-dual (cold start)",
     "primal_dual_warm": "Primal-dual (warm start)", "safe_rlhf": "Safe-RLHF (PPO-Lag)", "dpo_helpful": "DPO$_H$",
     "dpo_safe": "DPO$_S$", "fixed_lambda": "Fixed λ", "reference": "SFT (π$_{ref}$)",
 }
 COLORS = {
-    "mocan": "#1f77b4", "pecan": "#ff7f0e", "primal_dual_cold": "#2ca02c", "primal_dual_warm": "#98df8a",
+    "mocan": "#1f77b4", "mocan_newton": "#17becf", "pecan": "#ff7f0e", "primal_dual_cold": "#2ca02c", "primal_dual_warm": "#98df8a",
     "safe_rlhf": "#d62728", "dpo_helpful": "#9467bd", "dpo_safe": "#8c564b", "fixed_lambda": "#7f7f7f",
     "reference": "#000000",
 }

@@ -176,7 +176,7 @@ def test_every_algorithm_writes_the_same_summary_keys(every_algorithm):
         assert k == first, (name, k ^ first)
         assert every_algorithm[name]["status"] == "completed"
     runs = {name: s["compute/training_runs"] for name, s in every_algorithm.items()}
-    assert runs == {"mocan": 1, "pecan": 3, "primal_dual": 2, "safe_rlhf": 1, "dpo": 1, "fixed_lambda": 1,
+    assert runs == {"mocan": 1, "mocan_newton": 2, "pecan": 3, "primal_dual": 2, "safe_rlhf": 1, "dpo": 1, "fixed_lambda": 1,
                     "reference": 0, "dpo_safe": 1}
     assert every_algorithm["safe_rlhf"]["compute/generated_tokens"] == 20 * N * 4  # rollouts only (exact dual)
     assert every_algorithm["reference"]["compute/backward_tokens"] == 0
@@ -194,6 +194,28 @@ def test_baselines_move_the_way_they_should(every_algorithm):
     assert fixed["dual/value"] is None and fixed["dual/lambda"] == [0.5]
     assert fixed["predicted/safety_gain"][0] < MARGIN  # λ = 0.5 < λ*: the margin is not reached
     assert fixed["eval/safety_gain"][0] == pytest.approx(fixed["predicted/safety_gain"][0], abs=0.02)
+
+
+def test_mocan_newton_corrects_an_undertrained_stage_2(tmp_path):
+    """A stage 2 that stops short of π_λ* (lr 0.1 for 10 epochs: fit slope about 0.9) misses the margin; one
+    Newton step from its measured slack with the dual's curvature brings the next policy closer to it.
+    Exact lists: every slack and gain is an exact expectation, so the only error left is the step's model."""
+    def run(name):
+        cfg = tabular_config(tmp_path / name, exact=True, epochs=10)
+        cfg.trainer = dataclasses.replace(cfg.trainer, lr=0.1)
+        cfg.algorithm = dataclasses.replace(cfg.algorithm, name=name)
+        return run_experiment(cfg, progress=False)
+
+    one, two = run("mocan"), run("mocan_newton")
+    assert one["eval/safety_gain"][0] < MARGIN - 0.02  # the first shot misses the margin
+    # The first shot of mocan_newton is MoCAN's policy, and its slack is MoCAN's in-sample gain minus b.
+    assert two["mocan_newton/lambda0"] == one["dual/lambda"]
+    assert two["mocan_newton/slack0"][0] == pytest.approx(one["insample/safety_gain"][0] - MARGIN, abs=1e-12)
+    (h,), = two["mocan_newton/hessian"]
+    assert two["dual/lambda"][0] == pytest.approx(one["dual/lambda"][0] - two["mocan_newton/slack0"][0] / h,
+                                                  rel=1e-11)  # the Newton solve's relative ridge is 1e-12
+    assert abs(two["eval/safety_gain"][0] - MARGIN) < abs(one["eval/safety_gain"][0] - MARGIN) / 2
+    assert two["compute/training_runs"] == 2
 
 
 @pytest.mark.fast

@@ -77,6 +77,10 @@ def test_invalid_values_fail_at_conversion_naming_the_field():
         OmegaConf.to_object(compose_config(["algorithm.objective=listwise", "algorithm.pair_source=dataset"]))
     with pytest.raises(Exception, match="threads"):
         OmegaConf.to_object(compose_config(["threads=0"]))
+    with pytest.raises(Exception, match="eval.insample_samples"):
+        OmegaConf.to_object(compose_config(["eval.insample_samples=-1"]))
+    with pytest.raises(Exception, match="eval.level"):
+        OmegaConf.to_object(compose_config(["eval.level=95"]))
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -49,3 +49,22 @@ def test_the_report_prints_the_fit_under_the_gains():
     assert lines[fit - 1].startswith("KL")
     assert not any(line.startswith("fit to") for line in format_report({**summary, "fit/target_kl": None})
                    .splitlines())
+
+
+def test_the_report_sets_predicted_in_sample_and_held_out_gains_side_by_side():
+    from alignment.experiment import COMMON_KEYS, format_report
+
+    summary = {**dict.fromkeys(COMMON_KEYS), "algorithm": "mocan", "margin": [0.5], "beta": 1.0,
+               "predicted/safety_gain": [0.5], "predicted/safety_gain_ci": [[0.41], [0.58]],
+               "insample/safety_gain": [0.44], "insample/safety_gain_ci": [[0.40], [0.48]],
+               "eval/safety_gain": [0.3], "eval/safety_gain_ci": [[0.2], [0.4]],
+               "predicted/reward_gain": 0.1, "insample/reward_gain": 0.05, "eval/reward_gain": 0.02,
+               "eval/kl": 0.4, "eval/constraint_met": False}
+    lines = format_report(summary).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("safety gain"))
+    assert [line[13:23].strip() for line in lines[start:start + 3]] == ["predicted", "in-sample", "held-out"]
+    assert "[0.4400]  95% CI [0.4000, 0.4800]" in lines[start + 1]
+    assert lines[start + 3].startswith("reward gain") and "in-sample [0.0500]" in lines[start + 4]
+    # Runs without the in-sample measurement (eval.insample_samples=0, π_ref) print the other two.
+    without = format_report({**summary, "insample/safety_gain": None, "insample/reward_gain": None}).splitlines()
+    assert not any("in-sample" in line for line in without) and without[start + 1][13:23].strip() == "held-out"

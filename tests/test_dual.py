@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignment.dual import bootstrap, dual_terms, solve_dual, solve_front, tilted_weights
+from alignment.dual import bootstrap, dual_terms, newton_correction, solve_dual, solve_front, tilted_weights
 
 pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
 
@@ -244,3 +244,18 @@ def test_extreme_scales_are_stable():
     sol = solve_dual(reward * 1e3, safety * 1e3, 200.0, 0.01)
     assert sol.feasible and sol.converged and np.isfinite(sol.value)
     assert abs(sol.grad[0]) < 1e-6
+
+
+def test_newton_correction_hand_worked():
+    """λ' = Π_{λ>=0}(λ - H⁻¹ s): a missed constraint (s < 0) raises λ by |s|/H, an over-met one lowers it, down
+    to the bound; a constraint at λ = 0 that holds stays there while the other moves by its own Newton step."""
+    # rtol 1e-11: the Newton solve adds a relative ridge of 1e-12·tr(H) (dual._newton_direction).
+    np.testing.assert_allclose(newton_correction([1.0], [-0.1], [[0.5]]), [1.2], rtol=1e-11)
+    np.testing.assert_allclose(newton_correction([1.0], [0.1], [[0.5]]), [0.8], rtol=1e-11)
+    assert newton_correction([0.05], [0.1], [[0.5]]).tolist() == [0.0]
+    h = np.array([[2.0, 1.0], [1.0, 2.0]])
+    np.testing.assert_allclose(newton_correction([1.0, 1.0], [-0.3, 0.0], h),
+                               [1.0, 1.0] - np.linalg.solve(h, [-0.3, 0.0]), rtol=1e-11)
+    np.testing.assert_allclose(newton_correction([1.0, 0.0], [-0.3, 0.2], h), [1.15, 0.0], rtol=1e-11)
+    with pytest.raises(ValueError, match="slack"):
+        newton_correction([1.0], [float("nan")], [[0.5]])

@@ -58,6 +58,12 @@ def test_exact_mocan_reaches_the_closed_form_optimum(tmp_path):
     # (Pinsker's reverse needs min π > 0, which the logits policy has), and the log-ratio tracks r_λ/β.
     assert s["fit/target_kl"] < 1e-3
     assert s["fit/slope"] == pytest.approx(1.0, abs=0.02) and s["fit/corr"] > 0.999
+    # In-sample gains are exact expectations on the dual's prompts, which here are the evaluation's prompts:
+    # the same sums as eval/* in another order (float64, 120 x 16 terms of O(1): agreement far inside 1e-12).
+    assert s["insample/safety_gain"][0] == pytest.approx(s["eval/safety_gain"][0], abs=1e-12)
+    assert s["insample/reward_gain"] == pytest.approx(s["eval/reward_gain"], abs=1e-12)
+    (lo,), (hi,) = s["insample/safety_gain_ci"]
+    assert lo < s["insample/safety_gain"][0] < hi
 
 
 @pytest.mark.parametrize("objective", ["listwise", "all_pairs"])
