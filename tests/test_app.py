@@ -99,7 +99,7 @@ def test_cli_single_run_logs_wandb_offline(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert "lambda*" in out.stdout + out.stderr and "achieved" in out.stdout + out.stderr
+    assert "lambda*" in out.stdout + out.stderr and "held-out" in out.stdout + out.stderr
     # W&B's end-of-run dump is replaced by one line saying where the run is and how to upload it.
     assert "Run summary" not in out.stdout + out.stderr and "wandb sync" in out.stdout + out.stderr
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()  # the resolved config is kept
