@@ -80,7 +80,7 @@ COMMON_KEYS = (
     "predicted/safety_gain", "predicted/reward_gain", "predicted/kl",
     "predicted/safety_gain_ci", "predicted/reward_gain_ci", "predicted/kl_ci",
     "train/final_loss", "train/steps", "train/pairs", "train/cached", "train/adapter",
-    "fit/target_kl", "fit/slope", "fit/corr",
+    "fit/target_kl", "fit/slope", "fit/corr", "fit/component_slopes",
     "insample/safety_gain", "insample/safety_gain_ci", "insample/reward_gain", "insample/reward_gain_ci",
 )
 
@@ -282,8 +282,9 @@ def _fit(outcome: Outcome, ctx: AlignmentContext) -> dict[str, Any]:
             or cfg.pair_source != "samples"):
         return {}
     reward, safety = outcome.dual_scores or (ctx.reward, ctx.safety)
-    fit = fit_diagnostics((reward + safety @ outcome.lam) / cfg.beta,
-                          ctx.world.logratio(outcome.policy, ctx.responses), ctx.ref_logprob)
+    parts = np.concatenate([reward[..., None], safety * outcome.lam], axis=-1) / cfg.beta  # [N, K, 1 + m]
+    fit = fit_diagnostics(parts.sum(axis=-1), ctx.world.logratio(outcome.policy, ctx.responses), ctx.ref_logprob,
+                          components=parts)
     return {f"fit/{k}": v for k, v in fit.items()}
 
 
@@ -354,6 +355,9 @@ def format_report(summary: dict[str, Any]) -> str:
         *([f"fit to π_λ on the dual's samples: KL(target ‖ policy) {summary['fit/target_kl']:.4f}  "
            f"slope {summary['fit/slope']:.3f}  corr {summary['fit/corr']:.3f}  (exact fit: 0, 1, 1)"]
           if summary.get("fit/target_kl") is not None else []),
+        *([f"  slopes on the parts of r_λ/β: reward {summary['fit/component_slopes'][0]:.3f}, safety "
+           + ", ".join(f"{v:.3f}" for v in summary["fit/component_slopes"][1:]) + "  (exact fit: 1 each)"]
+          if summary.get("fit/component_slopes") is not None else []),
         f"constraint met (tolerance {summary.get('eval/tolerance', 0):g}): {summary['eval/constraint_met']}   "
         + closing,
         (f"compute: {compute} training runs, {summary['compute/generated_tokens']:,} generated tokens, "

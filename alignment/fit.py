@@ -10,7 +10,10 @@ i.e. p = q:
 - ``slope``: the pooled within-prompt least-squares slope of ρ on t, 1 at an exact fit; below 1 the policy
   moved less than the target, above 1 further;
 - ``corr``: the pooled within-prompt correlation of ρ and t: whether the policy moved in the target's direction
-  at all (1 at an exact fit, whatever the slope).
+  at all (1 at an exact fit, whatever the slope);
+- ``component_slopes`` (when the target's parts are given, t = Σ_c t_c: r/β and λ_j g_j/β): the coefficients
+  of the within-prompt multiple regression of ρ on the parts, 1 each at an exact fit. The reward part usually
+  dominates t, so a good overall slope can hide a safety part the policy barely learned: this shows it.
 
 A gap between the dual's predicted gains and the achieved ones then splits into estimation (the dual on K
 samples), fit (these numbers) and generalisation (held-out prompts).
@@ -18,16 +21,19 @@ samples), fit (these numbers) and generalisation (held-out prompts).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy.special import log_softmax
 
 __all__ = ["fit_diagnostics"]
 
 
-def fit_diagnostics(target: np.ndarray, logratio: np.ndarray, base_logweight: np.ndarray | None = None
-                    ) -> dict[str, float]:
+def fit_diagnostics(target: np.ndarray, logratio: np.ndarray, base_logweight: np.ndarray | None = None,
+                    components: np.ndarray | None = None) -> dict[str, Any]:
     """``target`` t = r_λ/β and ``logratio`` ρ, both [N, K] on the dual's samples; ``base_logweight`` log b
-    [N, K] (None: iid samples, b = 1). Returns ``target_kl``, ``slope`` and ``corr`` (see the module docstring).
+    [N, K] (None: iid samples, b = 1); ``components`` [N, K, C] parts of t that sum to it (optional). Returns
+    ``target_kl``, ``slope``, ``corr`` and, with components, ``component_slopes`` [C] (module docstring).
     """
     t = np.asarray(target, dtype=np.float64)
     rho = np.asarray(logratio, dtype=np.float64)
@@ -45,4 +51,17 @@ def fit_diagnostics(target: np.ndarray, logratio: np.ndarray, base_logweight: np
     stt, srr, str_ = float(np.sum(w * tc * tc)), float(np.sum(w * rc * rc)), float(np.sum(w * tc * rc))
     slope = str_ / stt if stt > 0 else float("nan")
     corr = float(str_ / np.sqrt(stt * srr)) if stt > 0 and srr > 0 else float("nan")
-    return {"target_kl": target_kl, "slope": slope, "corr": corr}
+    out: dict[str, Any] = {"target_kl": target_kl, "slope": slope, "corr": corr}
+    if components is not None:
+        parts = np.asarray(components, dtype=np.float64)
+        if parts.shape[:2] != t.shape:
+            raise ValueError(f"fit_diagnostics: components must be [N, K, C] with [N, K] = {t.shape}, "
+                             f"got {parts.shape}")
+        pc = parts - np.einsum("nk,nkc->nc", w, parts)[:, None, :]
+        gram = np.einsum("nk,nkc,nkd->cd", w, pc, pc)  # [C, C]
+        cross = np.einsum("nk,nkc,nk->c", w, pc, rc)  # [C]
+        try:
+            out["component_slopes"] = np.linalg.solve(gram, cross).tolist()
+        except np.linalg.LinAlgError:  # a part constant within every prompt (e.g. λ_j = 0) has no slope
+            out["component_slopes"] = [float("nan")] * parts.shape[2]
+    return out

@@ -1,6 +1,6 @@
 """Benchmark: what each algorithm spends to reach the same margin, measured in one run on one world.
 
-One-shot dualization (MoCAN, PeCAN) against primal-dual with retraining (cold start, and warm from λ*) and
+One-shot dualization (MoCAN, PeCAN), MoCAN with one Newton correction of λ, against primal-dual with retraining (cold start, and warm from λ*) and
 Safe-RLHF-style online primal-dual, all from the repo's configs (``experiment=<world> algorithm=<name>``) with
 the same stages, scorers and evaluation. The artifacts every algorithm shares (π_ref, its samples and scores,
 the reference's evaluation samples) are built once first; each algorithm then starts from a copy of that cache,
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "mocan": ["algorithm=mocan"],
+    "mocan_newton": ["algorithm=mocan_newton"],
     "pecan": ["algorithm=pecan"],
     "primal_dual_cold": ["algorithm=primal_dual"],
     "primal_dual_warm": ["algorithm=primal_dual", "algorithm.primal_dual.warm_start=true"],

@@ -6,7 +6,8 @@ computed once and each variant pays for its own training and evaluation only. Fo
 
 - fit on the dual's own samples (alignment/fit.py): KL(softmax(r_λ/β) ‖ softmax(ρ)), slope and correlation of
   ρ on r_λ/β (exact fit: 0, 1, 1);
-- the held-out safety gain against the predicted one, with 95% intervals, and the reward gain;
+- the safety gain predicted by the dual, measured in-sample (fresh samples on the dual's prompts) and held out,
+  with 95% intervals, and the reward gain;
 - the achieved KL against the predicted one;
 - stage-2 compute: optimiser steps, forward + backward tokens, wall seconds of training.
 
@@ -53,20 +54,29 @@ def first(value):
     return value[0] if isinstance(value, list) else value
 
 
+def interval(s: dict, key: str) -> str:
+    if s.get(key) is None:
+        return "-"
+    if s.get(f"{key}_ci") is None:
+        return f"{first(s[key]):+.3f}"
+    value, (lo, hi) = first(s[key]), (first(v) for v in s[f"{key}_ci"])
+    return f"{value:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def row(name: str, s: dict) -> str:
-    safety, (s_lo, s_hi) = first(s["eval/safety_gain"]), (first(v) for v in s["eval/safety_gain_ci"])
-    predicted, (p_lo, p_hi) = first(s["predicted/safety_gain"]), (first(v) for v in s["predicted/safety_gain_ci"])
-    inside = "yes" if p_lo <= safety <= p_hi else "no"
+    safety, bounds = first(s["eval/safety_gain"]), s.get("predicted/safety_gain_ci")
+    inside = "-" if bounds is None else "yes" if first(bounds[0]) <= safety <= first(bounds[1]) else "no"
     tokens = s["compute/forward_tokens"] + s["compute/backward_tokens"]
-    return (f"| {name} | {s['fit/target_kl']:.4f} | {s['fit/slope']:.3f} | {s['fit/corr']:.3f} | "
-            f"{safety:+.3f} [{s_lo:+.3f}, {s_hi:+.3f}] | {predicted:+.3f} [{p_lo:+.3f}, {p_hi:+.3f}] | {inside} | "
-            f"{first(s['eval/reward_gain']):+.3f} | {s['eval/kl']:.3f} / {s['predicted/kl']:.3f} | "
-            f"{s['train/steps']} | {tokens:,} | {s['time/train']:.0f} |")
+    return (f"| {name} | {s['fit/target_kl']:.3f} | {s['fit/slope']:.2f} | {s['fit/corr']:.2f} | "
+            f"{interval(s, 'predicted/safety_gain')} | {interval(s, 'insample/safety_gain')} | "
+            f"{interval(s, 'eval/safety_gain')} | {inside} | {first(s['predicted/reward_gain']):+.3f} / "
+            f"{first(s['eval/reward_gain']):+.3f} | {s['predicted/kl']:.2f} / {s['eval/kl']:.2f} | "
+            f"{s['train/steps']} | {tokens / 1e6:.2f} M | {s['time/train']:.0f} |")
 
 
-HEADER = ("| variant | fit KL | fit slope | fit corr | safety gain (held-out) | predicted | inside | reward gain | "
-          "KL achieved / predicted | steps | fwd+bwd tokens | train s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| variant | fit KL | fit slope | fit corr | safety gain predicted | in-sample | held-out | held-out inside "
+          "predicted CI | reward gain predicted / held-out | KL predicted / held-out | steps | fwd+bwd tokens | "
+          "train s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:

@@ -37,3 +37,18 @@ def test_exact_fit_half_fit_and_per_prompt_constants():
     assert 0 < noisy["corr"] < 1 and noisy["slope"] == pytest.approx(1.0, abs=0.1)
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         fit_diagnostics(t, t[:, :3])
+
+
+def test_component_slopes_separate_a_reward_part_learned_from_a_safety_part_missed():
+    """ρ = t_r + 0.3·t_g + c(x): the overall slope looks fine because t_r dominates, the parts' slopes do not."""
+    rng = np.random.default_rng(1)
+    t_r, t_g = rng.normal(size=(40, 8)) * 3, rng.normal(size=(40, 8)) * 0.5
+    rho = t_r + 0.3 * t_g + rng.normal(size=(40, 1))
+    fit = fit_diagnostics(t_r + t_g, rho, components=np.stack([t_r, t_g], axis=-1))
+    np.testing.assert_allclose(fit["component_slopes"], [1.0, 0.3], rtol=1e-10)  # an exact linear relation
+    assert fit["slope"] > 0.9
+    with pytest.raises(ValueError, match=r"\[N, K, C\]"):
+        fit_diagnostics(t_r, rho, components=t_r[..., None][:, :3])
+    # A part constant within every prompt (a constraint with λ = 0) has no slope, and says so.
+    flat = fit_diagnostics(t_r, rho, components=np.stack([t_r, np.zeros_like(t_r)], axis=-1))
+    assert np.isnan(flat["component_slopes"][1])
