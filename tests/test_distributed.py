@@ -21,8 +21,8 @@ from alignment.distributed import Distributed, engine_from_env, launcher_argv
 ROOT = Path(__file__).resolve().parents[1]
 # A toy world small enough for a test: 30 dual prompts x 4 samples, 120 pairs, 8 optimiser steps of 16 pairs.
 TOY = ["experiment=toy", "dataset.n_prompts=40", "model.sft_steps=20", "sampling.num_samples=4",
-       "algorithm.pairs_per_prompt=4", "trainer.batch_size=16", "trainer.epochs=1", "trainer.log_every=1",
-       "trainer.warmup_steps=0", "eval.num_samples=1", "eval.bootstrap=50", "tracker=none", "model.device=cpu"]
+       "algorithm.objective=pairwise", "algorithm.pairs_per_prompt=4", "trainer.batch_size=16", "trainer.epochs=1",
+       "trainer.log_every=1", "trainer.warmup_steps=0", "eval.num_samples=1", "eval.bootstrap=50", "tracker=none", "model.device=cpu"]
 
 
 @pytest.mark.fast
