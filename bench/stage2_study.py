@@ -65,7 +65,10 @@ def interval(s: dict, key: str) -> str:
 
 def row(name: str, s: dict) -> str:
     safety, bounds = first(s["eval/safety_gain"]), s.get("predicted/safety_gain_ci")
-    inside = "-" if bounds is None else "yes" if first(bounds[0]) <= safety <= first(bounds[1]) else "no"
+    inside = "-"
+    if bounds is not None:  # the held-out value inside the predicted interval; else whether the intervals overlap
+        lo, hi, (e_lo, e_hi) = first(bounds[0]), first(bounds[1]), (first(v) for v in s["eval/safety_gain_ci"])
+        inside = "inside" if lo <= safety <= hi else "overlap" if e_lo <= hi and lo <= e_hi else "no"
     tokens = s["compute/forward_tokens"] + s["compute/backward_tokens"]
     return (f"| {name} | {s['fit/target_kl']:.3f} | {s['fit/slope']:.2f} | {s['fit/corr']:.2f} | "
             f"{interval(s, 'predicted/safety_gain')} | {interval(s, 'insample/safety_gain')} | "
@@ -74,8 +77,8 @@ def row(name: str, s: dict) -> str:
             f"{s['train/steps']} | {tokens / 1e6:.2f} M | {s['time/train']:.0f} |")
 
 
-HEADER = ("| variant | fit KL | fit slope | fit corr | safety gain predicted | in-sample | held-out | held-out inside "
-          "predicted CI | reward gain predicted / held-out | KL predicted / held-out | steps | fwd+bwd tokens | "
+HEADER = ("| variant | fit KL | fit slope | fit corr | safety gain predicted | in-sample | held-out | vs predicted "
+          "CI | reward gain predicted / held-out | KL predicted / held-out | steps | fwd+bwd tokens | "
           "train s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
