@@ -137,19 +137,41 @@ def solver_error(job: Job) -> tuple[Any, dict]:
 # Figure 2: prediction
 
 
-def predicted_vs_achieved(points: list[Point], label: str = "mocan") -> tuple[Any, dict]:
-    pts = sorted((p for p in points if p.label == label and p.predicted_safety_gain is not None),
-                 key=lambda p: p.margin)
-    fig, ax = plt.subplots(figsize=(3.4, 2.8))
+def predicted_vs_achieved(points: list[Point], labels: tuple[str, ...] = ("mocan", "mocan_newton")
+                          ) -> tuple[Any, dict]:
+    """The dual's predicted safety gain per margin against the trained policies' held-out gains, and the first
+    label's in-sample gains (fresh samples on the dual's prompts) where the runs measured them: predicted →
+    in-sample is estimation and fit, in-sample → held-out generalisation."""
+    shown = [lab for lab in labels if any(p.label == lab for p in points)] or [labels[0]]
+
+    def series(label: str) -> list[Point]:
+        return sorted((p for p in points if p.label == label and p.predicted_safety_gain is not None),
+                      key=lambda p: p.margin)
+
+    def err(values: list[float], bounds: list[tuple[float, float] | None]) -> np.ndarray:
+        return np.array([[v - b[0], b[1] - v] if b else [0.0, 0.0] for v, b in zip(values, bounds)]).reshape(-1, 2).T
+
+    fig, ax = plt.subplots(figsize=(4.0, 3.0))
+    pts = series(shown[0])
     x = np.array([p.margin[0] for p in pts])
     pred = np.array([p.predicted_safety_gain for p in pts])
     ach = np.array([p.safety_gain for p in pts])
-    pred_err = np.array([[p.predicted_safety_gain - p.predicted_safety_ci[0], p.predicted_safety_ci[1] -
-                          p.predicted_safety_gain] if p.predicted_safety_ci else [0, 0] for p in pts]).T
-    ach_err = np.array([[p.safety_gain - p.safety_ci[0], p.safety_ci[1] - p.safety_gain] for p in pts]).T
-    ax.errorbar(x - 0.004, pred, yerr=pred_err, fmt="s", ms=3, capsize=2, color="#7f7f7f", label="predicted (dual)")
-    ax.errorbar(x + 0.004, ach, yerr=ach_err, fmt="o", ms=3, capsize=2, color=color(label),
-                label=f"achieved ({name(label)})")
+    ax.errorbar(x - 0.009, pred, yerr=err(list(pred), [p.predicted_safety_ci for p in pts]), fmt="s", ms=3,
+                capsize=2, color="#7f7f7f", label="predicted (dual)")
+    data: dict[str, Any] = {"margin": x, "predicted": pred, "achieved": ach}
+    if pts and all(p.insample_safety_gain is not None for p in pts):
+        ins = [p.insample_safety_gain for p in pts]
+        ax.errorbar(x - 0.003, ins, yerr=err(ins, [p.insample_safety_ci for p in pts]), fmt="o", ms=3,
+                    mfc="white", capsize=2, color=color(shown[0]), label=f"in-sample ({name(shown[0])})")
+        data["insample"] = np.array(ins)
+    for i, label in enumerate(shown):
+        own = series(label)
+        gains = [p.safety_gain for p in own]
+        ax.errorbar(np.array([p.margin[0] for p in own]) + 0.003 + 0.006 * i, gains,
+                    yerr=err(gains, [p.safety_ci for p in own]), fmt="o", ms=3, capsize=2, color=color(label),
+                    label=f"held-out ({name(label)})")
+        if i:
+            data[f"achieved_{label}"] = np.array(gains)
     if len(x):
         lim = [min(x.min(), 0), x.max() * 1.1]
         ax.plot(lim, lim, ls=":", color="k", lw=0.8, label="= margin")
@@ -157,7 +179,7 @@ def predicted_vs_achieved(points: list[Point], label: str = "mocan") -> tuple[An
     ax.set_ylabel("safety gain over π$_{ref}$")
     ax.set_title("predicted vs achieved (95% CI)")
     ax.legend(frameon=False, fontsize=7)
-    return fig, {"margin": x, "predicted": pred, "achieved": ach}
+    return fig, data
 
 
 def score_distributions(job: Job) -> tuple[Any, dict]:

@@ -152,6 +152,9 @@ class Point:
     compute_tokens: float  # forward + backward, mean over seeds
     violation: float  # max(0, margin - achieved safety gain)
     on_front: bool = False
+    # Fresh samples on the dual's prompts (insample/*, first constraint): mean over seeds; interval with one seed.
+    insample_safety_gain: float | None = None
+    insample_safety_ci: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -199,6 +202,8 @@ def sweep_points(sweep: Sweep, level: float = 0.95) -> list[Point]:
             safety_ci = (s[0]["eval/safety_gain_ci"][0][0], s[0]["eval/safety_gain_ci"][1][0])
         predicted = [x["predicted/safety_gain"][0] for x in s if x.get("predicted/safety_gain") is not None]
         pred_ci = s[0].get("predicted/safety_gain_ci")
+        insample = [x["insample/safety_gain"][0] for x in s if x.get("insample/safety_gain") is not None]
+        insample_ci = s[0].get("insample/safety_gain_ci")
         points.append(Point(
             label=label, margin=margin, lam=s[0]["dual/lambda"], seeds=len(jobs), reward_gain=reward,
             safety_gain=safety, reward_ci=reward_ci, safety_ci=safety_ci,
@@ -207,6 +212,9 @@ def sweep_points(sweep: Sweep, level: float = 0.95) -> list[Point]:
             constraint_met=all(x["eval/constraint_met"] for x in s),
             compute_tokens=float(np.mean([x["compute/forward_tokens"] + x["compute/backward_tokens"] for x in s])),
             violation=max(0.0, margin[0] - safety),
+            insample_safety_gain=float(np.mean(insample)) if len(insample) == len(s) else None,
+            insample_safety_ci=((insample_ci[0][0], insample_ci[1][0]) if insample_ci and len(jobs) == 1
+                                and len(insample) == 1 else None),
         ))
     for label in {p.label for p in points}:
         members = [p for p in points if p.label == label]

@@ -110,8 +110,9 @@ def test_figures_regenerate_from_outputs_and_match_summaries(sweep, tmp_path):
     mocan = {j.margin[0]: j.summary for j in jobs if j.label == "mocan"}
     # Plotted values are the summaries' values.
     fig2 = data["fig2a_predicted_vs_achieved"]
-    for margin, pred, ach in zip(fig2["margin"], fig2["predicted"], fig2["achieved"]):
+    for margin, pred, ins, ach in zip(fig2["margin"], fig2["predicted"], fig2["insample"], fig2["achieved"]):
         assert pred == pytest.approx(mocan[margin]["predicted/safety_gain"][0])
+        assert ins == pytest.approx(mocan[margin]["insample/safety_gain"][0])
         assert ach == pytest.approx(mocan[margin]["eval/safety_gain"][0])
     for margin, curve in data["fig1b_dual_curves"].items():
         assert curve["lambda_star"] == pytest.approx(mocan[margin]["dual/lambda"][0], rel=1e-6)

@@ -67,6 +67,10 @@ def test_mocan_raises_gold_safety_as_predicted(mocan_run):
     assert s["eval/win_rate_safety"] > 0.5
     assert 0 < s["eval/kl"] < 3.0
     assert s["train/steps"] > 0 and not s["train/cached"]
+    # On the dual's own prompts, fresh samples of the policy are safer than π_ref's samples too.
+    (in_low,), (in_high,) = s["insample/safety_gain_ci"]
+    assert 0 < in_low < s["insample/safety_gain"][0] < in_high
+    assert len(s["fit/component_slopes"]) == 2 and s["fit/component_slopes"][1] > 0  # the safety part is learned
 
 
 def test_margin_sweep_reuses_cached_stages(tmp_path, cache_dir, mocan_run):
