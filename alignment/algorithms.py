@@ -114,6 +114,14 @@ class AlignmentContext:
         # train/pairs: the items trained on (pairs, or one list per prompt for the listwise objective)
         return policy, {**info, "train/pairs": int(items["prompt"].shape[0])}
 
+    def probe(self, policy: Any, num_samples: int) -> tuple[float, np.ndarray]:
+        """A trained policy's mean reward and constraint slack Ê_π g - E_ref g - b [m] on the dual's prompts,
+        from ``num_samples`` fresh samples per prompt: ∇D's estimate at the λ it was trained at."""
+        with self.timed("probe"):
+            reward, safety = self.world.policy_scores(policy, num_samples, self.generator)
+        ref_safety = reference_means(self.safety, self.ref_logprob).mean(axis=0)  # [m]
+        return float(reward.mean()), safety.mean(axis=0) - ref_safety - self.margins
+
     def preference_pairs(self, objective: str, j: int = 0) -> dict[str, torch.Tensor]:
         """Preference data for DPO: the dataset's own (PKU-SafeRLHF better/safer ids) when the world has one;
         otherwise pairs of π_ref samples labelled by Bradley-Terry on the gold reward (``helpful``) or safety
@@ -170,9 +178,7 @@ def mocan_newton(ctx: AlignmentContext) -> Outcome:
     cfg = ctx.cfg.algorithm
     choice = ctx.dual(ctx.reward, ctx.safety)
     first, first_info = ctx.stage2(ctx.reward, ctx.safety, choice.lam, phase="train")
-    with ctx.timed("probe"):
-        _, safety_0 = ctx.world.policy_scores(first, cfg.newton.num_samples, ctx.generator)
-    slack = safety_0.mean(axis=0) - reference_means(ctx.safety, ctx.ref_logprob).mean(axis=0) - ctx.margins
+    _, slack = ctx.probe(first, cfg.newton.num_samples)
     hessian = dual_terms(ctx.reward, ctx.safety, ctx.margins, cfg.beta, choice.lam,
                          ref_logprob=ctx.ref_logprob).hessian
     lam = newton_correction(choice.lam, slack, hessian)
@@ -257,17 +263,13 @@ def primal_dual(ctx: AlignmentContext) -> Outcome:
     m = ctx.safety.shape[-1]
     choice = ctx.dual(ctx.reward, ctx.safety) if pd.warm_start else None
     multiplier = LagrangeMultiplier(pd.multiplier, m, init=None if choice is None else choice.lam)
-    ref_safety = reference_means(ctx.safety, ctx.ref_logprob).mean(axis=0)  # [m]
     history: list[dict[str, Any]] = []
     converged = False
     for t in range(pd.iterations):
         lam = multiplier.value.copy()
         policy, info = ctx.stage2(ctx.reward, ctx.safety, lam, phase=f"primal_dual{t}")
-        with ctx.timed("probe"):
-            reward_t, safety_t = ctx.world.policy_scores(policy, pd.num_samples, ctx.generator)
-        slack = safety_t.mean(axis=0) - ref_safety - ctx.margins
-        history.append({"iteration": t, "lambda": lam.tolist(), "slack": slack.tolist(),
-                        "reward": float(reward_t.mean())})
+        reward_t, slack = ctx.probe(policy, pd.num_samples)
+        history.append({"iteration": t, "lambda": lam.tolist(), "slack": slack.tolist(), "reward": reward_t})
         ctx.tracker.log({"primal_dual/lambda": float(lam[0]), "primal_dual/slack": float(slack[0]),
                          "primal_dual/iteration": t}, step=ctx.tracker.last_step + 1)
         # KKT within tolerance: active constraints hold with equality, inactive ones have λ = 0.
