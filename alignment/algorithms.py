@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,11 @@ class AlignmentContext:
     def margins(self) -> np.ndarray:
         return np.asarray(self.cfg.safety.margins)
 
+    @cached_property
+    def ref_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """E_ref of reward [N] and safety [N, m] per dual prompt, from π_ref's samples (the dual's data)."""
+        return reference_means(self.reward, self.ref_logprob), reference_means(self.safety, self.ref_logprob)
+
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         """Accumulate wall time under ``time/<stage>`` (several trainings add up)."""
@@ -119,8 +125,7 @@ class AlignmentContext:
         from ``num_samples`` fresh samples per prompt: ∇D's estimate at the λ it was trained at."""
         with self.timed("probe"):
             reward, safety = self.world.policy_scores(policy, num_samples, self.generator)
-        ref_safety = reference_means(self.safety, self.ref_logprob).mean(axis=0)  # [m]
-        return float(reward.mean()), safety.mean(axis=0) - ref_safety - self.margins
+        return float(reward.mean()), safety.mean(axis=0) - self.ref_means[1].mean(axis=0) - self.margins
 
     def preference_pairs(self, objective: str, j: int = 0) -> dict[str, torch.Tensor]:
         """Preference data for DPO: the dataset's own (PKU-SafeRLHF better/safer ids) when the world has one;
@@ -287,7 +292,7 @@ def safe_rlhf(ctx: AlignmentContext) -> Outcome:
     """Safe-RLHF-style online primal-dual (PPO-Lag with leave-one-out baselines; alignment/online.py)."""
     cfg = ctx.cfg
     sr = cfg.algorithm.safe_rlhf
-    ref_safety = reference_means(ctx.safety, ctx.ref_logprob)  # [N, m]
+    ref_safety = ctx.ref_means[1]  # [N, m]
     # The rollouts come from one generator per rank (safe_rlhf_train): the trained policy depends on the
     # number of processes, unlike stage 2's, so it is part of the key.
     rollouts = {"version": 2, "processes": distributed.current().world_size}

@@ -25,7 +25,7 @@ from alignment.console import quiet_libraries
 from alignment.dual import dual_path, dual_terms
 from alignment.fit import fit_diagnostics
 from alignment.provenance import run_info, seed_everything
-from alignment.stages import build_stages, percentile_interval, reference_means
+from alignment.stages import build_stages, percentile_interval
 from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json
 from alignment.threads import set_threads
 from alignment.tracking import MultiTracker, make_tracker
@@ -298,8 +298,8 @@ def _insample(outcome: Outcome, ctx: AlignmentContext, generator: torch.Generato
     if outcome.policy is None or n_samples == 0:
         return {}
     reward, safety = ctx.world.policy_scores(outcome.policy, n_samples, generator)  # [N], [N, m]
-    reward_gain = reward - reference_means(ctx.reward, ctx.ref_logprob)  # [N]
-    safety_gain = safety - reference_means(ctx.safety, ctx.ref_logprob)  # [N, m]
+    ref_reward, ref_safety = ctx.ref_means
+    reward_gain, safety_gain = reward - ref_reward, safety - ref_safety  # [N], [N, m]
     n, level = len(reward_gain), ctx.cfg.eval.level
     idx = rng.integers(0, n, size=(ctx.cfg.eval.bootstrap, n))
     return {"insample/safety_gain": safety_gain.mean(axis=0).tolist(),
@@ -341,14 +341,15 @@ def format_report(summary: dict[str, Any]) -> str:
                 f"{ci(summary.get(f'{key}/{name}_gain_ci'))}" for i, (label, key) in enumerate(rows)]
 
     compute = summary.get("compute/training_runs")
+    newton = summary.get("mocan_newton/lambda0") is not None
     return "\n".join([
         f"algorithm {summary.get('algorithm/label', summary['algorithm'])}  margin {vec(summary['margin'])}  "
         f"beta {summary['beta']}",
+        # mocan_newton: λ* (with the dual's interval) and the slack that moved it, then the λ it trained at.
         *([f"lambda* (first shot)   {vec(summary['mocan_newton/lambda0'])}{ci(summary.get('dual/lambda_ci'))}  "
-           f"in-sample slack {vec(summary['mocan_newton/slack0'])} -> one Newton step"]
-          if summary.get("mocan_newton/lambda0") is not None else []),
+           f"in-sample slack {vec(summary['mocan_newton/slack0'])} -> one Newton step"] if newton else []),
         f"{'lambda*' if summary['algorithm'] in ('mocan', 'pecan') else 'lambda':23}{vec(summary['dual/lambda'])}"
-        f"{ci(summary.get('dual/lambda_ci')) if summary.get('mocan_newton/lambda0') is None else ''}",
+        f"{'' if newton else ci(summary.get('dual/lambda_ci'))}",
         *gains("safety"),
         *gains("reward"),
         f"KL           predicted {vec(summary['predicted/kl'])}  held-out {vec(summary['eval/kl'])}",

@@ -213,8 +213,7 @@ def sweep_points(sweep: Sweep, level: float = 0.95) -> list[Point]:
             compute_tokens=float(np.mean([x["compute/forward_tokens"] + x["compute/backward_tokens"] for x in s])),
             violation=max(0.0, margin[0] - safety),
             insample_safety_gain=float(np.mean(insample)) if len(insample) == len(s) else None,
-            insample_safety_ci=((insample_ci[0][0], insample_ci[1][0]) if insample_ci and len(jobs) == 1
-                                and len(insample) == 1 else None),
+            insample_safety_ci=(insample_ci[0][0], insample_ci[1][0]) if insample_ci and len(jobs) == 1 else None,
         ))
     for label in {p.label for p in points}:
         members = [p for p in points if p.label == label]

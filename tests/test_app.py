@@ -66,21 +66,21 @@ def test_bad_overrides_fail_naming_the_key(override, message):
 
 
 @pytest.mark.fast
-def test_invalid_values_fail_at_conversion_naming_the_field():
-    with pytest.raises(Exception, match="algorithm.beta"):
-        OmegaConf.to_object(compose_config(["algorithm.beta=-1"]))
-    with pytest.raises(Exception, match="safety.margin"):
-        OmegaConf.to_object(compose_config(["safety.margin=[0.1,0.2]"]))
-    with pytest.raises(Exception, match="algorithm.objective"):
-        OmegaConf.to_object(compose_config(["algorithm.objective=listwize"]))
-    with pytest.raises(Exception, match="pair_source=samples"):
-        OmegaConf.to_object(compose_config(["algorithm.objective=listwise", "algorithm.pair_source=dataset"]))
-    with pytest.raises(Exception, match="threads"):
-        OmegaConf.to_object(compose_config(["threads=0"]))
-    with pytest.raises(Exception, match="eval.insample_samples"):
-        OmegaConf.to_object(compose_config(["eval.insample_samples=-1"]))
-    with pytest.raises(Exception, match="eval.level"):
-        OmegaConf.to_object(compose_config(["eval.level=95"]))
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["algorithm.beta=-1"], "algorithm.beta"),
+        (["safety.margin=[0.1,0.2]"], "safety.margin"),
+        (["algorithm.objective=listwize"], "algorithm.objective"),
+        (["algorithm.objective=listwise", "algorithm.pair_source=dataset"], "pair_source=samples"),
+        (["threads=0"], "threads"),
+        (["eval.insample_samples=-1"], "eval.insample_samples"),
+        (["eval.level=95"], "eval.level"),
+    ],
+)
+def test_invalid_values_fail_at_conversion_naming_the_field(overrides, message):
+    with pytest.raises(Exception, match=message):
+        OmegaConf.to_object(compose_config(overrides))
 
 
 def _run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
