@@ -80,7 +80,7 @@ COMMON_KEYS = (
     "predicted/safety_gain", "predicted/reward_gain", "predicted/kl",
     "predicted/safety_gain_ci", "predicted/reward_gain_ci", "predicted/kl_ci",
     "train/final_loss", "train/steps", "train/pairs", "train/cached", "train/adapter",
-    "fit/target_kl", "fit/slope", "fit/corr", "fit/component_slopes",
+    "fit/target_kl", "fit/slope", "fit/corr", "fit/component_slopes", "fit/log_mass",
     "insample/safety_gain", "insample/safety_gain_ci", "insample/reward_gain", "insample/reward_gain_ci",
 )
 
@@ -359,6 +359,8 @@ def format_report(summary: dict[str, Any]) -> str:
         *([f"  slopes on the parts of r_λ/β: reward {summary['fit/component_slopes'][0]:.3f}, safety "
            + ", ".join(f"{v:.3f}" for v in summary["fit/component_slopes"][1:]) + "  (exact fit: 1 each)"]
           if summary.get("fit/component_slopes") is not None else []),
+        *([f"  log-mass on the samples {summary['fit/log_mass']:+.4f}  (π_ref: 0; below 0: probability moved onto "
+           "responses stage 2 never saw)"] if summary.get("fit/log_mass") is not None else []),
         f"constraint met (tolerance {summary.get('eval/tolerance', 0):g}): {summary['eval/constraint_met']}   "
         + closing,
         (f"compute: {compute} training runs, {summary['compute/generated_tokens']:,} generated tokens, "

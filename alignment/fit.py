@@ -14,6 +14,11 @@ i.e. p = q:
 - ``component_slopes`` (when the target's parts are given, t = Σ_c t_c: r/β and λ_j g_j/β): the coefficients
   of the within-prompt multiple regression of ρ on the parts, 1 each at an exact fit. The reward part usually
   dominates t, so a good overall slope can hide a safety part the policy barely learned: this shows it.
+- ``log_mass``: the mean over prompts of log Σ_k w_k exp(ρ_k), w = softmax(log b), the importance-sampling
+  estimate of log π_θ(S)/π_ref(S) for the region S the samples stand for: 0 for π_ref and, up to the K-sample
+  estimate, for π_λ (whose normaliser the dual estimates on the same samples); below 0 the policy moved
+  probability onto responses stage 2 never saw, which costs KL the target does not spend. The objectives fit
+  ρ up to a constant per prompt, so only this number shows that shift (exactly 0 on an exact list).
 
 A gap between the dual's predicted gains and the achieved ones then splits into estimation (the dual on K
 samples), fit (these numbers) and generalisation (held-out prompts).
@@ -24,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy.special import log_softmax
+from scipy.special import log_softmax, logsumexp
 
 __all__ = ["fit_diagnostics"]
 
@@ -33,7 +38,7 @@ def fit_diagnostics(target: np.ndarray, logratio: np.ndarray, base_logweight: np
                     components: np.ndarray | None = None) -> dict[str, Any]:
     """``target`` t = r_λ/β and ``logratio`` ρ, both [N, K] on the dual's samples; ``base_logweight`` log b
     [N, K] (None: iid samples, b = 1); ``components`` [N, K, C] parts of t that sum to it (optional). Returns
-    ``target_kl``, ``slope``, ``corr`` and, with components, ``component_slopes`` [C] (module docstring).
+    ``target_kl``, ``slope``, ``corr``, ``log_mass`` and, with components, ``component_slopes`` [C] (module docstring).
     """
     t = np.asarray(target, dtype=np.float64)
     rho = np.asarray(logratio, dtype=np.float64)
@@ -45,13 +50,15 @@ def fit_diagnostics(target: np.ndarray, logratio: np.ndarray, base_logweight: np
     # Each prompt's KL is >= 0; at an exact fit rounding can leave -1e-17, which is 0.
     target_kl = max(float(np.mean(np.sum(np.exp(log_q) * (log_q - log_p), axis=1))), 0.0)
     # Within-prompt deviations, weighted like the samples (b), so constants per prompt drop out.
-    w = np.exp(log_softmax(base, axis=1))
+    log_w = log_softmax(base, axis=1)
+    w = np.exp(log_w)
     tc = t - np.sum(w * t, axis=1, keepdims=True)
     rc = rho - np.sum(w * rho, axis=1, keepdims=True)
     stt, srr, str_ = float(np.sum(w * tc * tc)), float(np.sum(w * rc * rc)), float(np.sum(w * tc * rc))
     slope = str_ / stt if stt > 0 else float("nan")
     corr = float(str_ / np.sqrt(stt * srr)) if stt > 0 and srr > 0 else float("nan")
-    out: dict[str, Any] = {"target_kl": target_kl, "slope": slope, "corr": corr}
+    log_mass = float(np.mean(logsumexp(log_w + rho, axis=1)))
+    out: dict[str, Any] = {"target_kl": target_kl, "slope": slope, "corr": corr, "log_mass": log_mass}
     if components is not None:
         parts = np.asarray(components, dtype=np.float64)
         if parts.shape[:2] != t.shape:

@@ -48,6 +48,7 @@ def listwise_loss(logratio: torch.Tensor, target: torch.Tensor, base_logweight: 
     π_ref, which carry π_ref already, b = 0). Its minimiser over ρ is ρ = t + c(x), i.e. π_θ ∝ π_ref exp(r_λ/β)
     on the responses' support: the dual's π_λ, reached with every response used once per pass. The loss minus
     the entropy of q is KL(q ‖ p) (``listwise_metrics``).
+
     """
     base = torch.zeros_like(target) if base_logweight is None else base_logweight
     log_q = torch.log_softmax(base + target, dim=-1)
@@ -64,11 +65,16 @@ def target_entropy(target: torch.Tensor, base_logweight: torch.Tensor | None = N
 
 def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None,
                      losses: torch.Tensor | None = None) -> dict[str, float]:
-    """KL(q ‖ p) = loss - H(q) between the target's and the policy's weights (0 at the target), mean over the
-    batch; ``losses``: the batch's listwise losses when already computed."""
+    """Means over the batch of KL(q ‖ p) = loss - H(q) between the target's and the policy's weights (0 at the
+    target; ``losses``: the batch's listwise losses when already computed) and of the log-mass
+    log Σ_k softmax(b)_k e^{ρ_k}, which the loss does not see (alignment.fit's ``log_mass``)."""
+    rho = logratio.detach()
     if losses is None:
-        losses = listwise_loss(logratio, target, base_logweight)
-    return {"kl_to_target": float((losses.detach() - target_entropy(target, base_logweight)).mean())}
+        losses = listwise_loss(rho, target, base_logweight)
+    base = torch.zeros_like(rho) if base_logweight is None else base_logweight.to(rho.dtype)
+    mass = torch.logsumexp(torch.log_softmax(base, dim=-1) + rho, dim=-1)
+    return {"kl_to_target": float((losses.detach() - target_entropy(target, base_logweight)).mean()),
+            "log_mass": float(mass.mean())}
 
 
 def preference_metrics(logratio_1: torch.Tensor, logratio_0: torch.Tensor, label: torch.Tensor,

@@ -5,7 +5,7 @@ overridden; they share one cache, so π_ref, its samples and scores, the dual an
 computed once and each variant pays for its own training and evaluation only. For each variant it prints:
 
 - fit on the dual's own samples (alignment/fit.py): KL(softmax(r_λ/β) ‖ softmax(ρ)), slope and correlation of
-  ρ on r_λ/β (exact fit: 0, 1, 1);
+  ρ on r_λ/β (exact fit: 0, 1, 1), and the log-mass the policy keeps on the samples (π_ref: 0);
 - the safety gain predicted by the dual, measured in-sample (fresh samples on the dual's prompts) and held out,
   with 95% intervals, and the reward gain;
 - the achieved KL against the predicted one;
@@ -71,15 +71,16 @@ def row(name: str, s: dict) -> str:
         inside = "inside" if lo <= safety <= hi else "overlap" if e_lo <= hi and lo <= e_hi else "no"
     tokens = s["compute/forward_tokens"] + s["compute/backward_tokens"]
     return (f"| {name} | {s['fit/target_kl']:.3f} | {s['fit/slope']:.2f} | {s['fit/corr']:.2f} | "
+            f"{s['fit/log_mass']:+.3f} | "
             f"{interval(s, 'predicted/safety_gain')} | {interval(s, 'insample/safety_gain')} | "
             f"{interval(s, 'eval/safety_gain')} | {inside} | {first(s['predicted/reward_gain']):+.3f} / "
             f"{first(s['eval/reward_gain']):+.3f} | {s['predicted/kl']:.2f} / {s['eval/kl']:.2f} | "
             f"{s['train/steps']} | {tokens / 1e6:.2f} M | {s['time/train']:.0f} |")
 
 
-HEADER = ("| variant | fit KL | fit slope | fit corr | safety gain predicted | in-sample | held-out | vs predicted "
+HEADER = ("| variant | fit KL | fit slope | fit corr | log-mass | safety gain predicted | in-sample | held-out | vs predicted "
           "CI | reward gain predicted / held-out | KL predicted / held-out | steps | fwd+bwd tokens | "
-          "train s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "train s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:

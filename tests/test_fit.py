@@ -52,3 +52,20 @@ def test_component_slopes_separate_a_reward_part_learned_from_a_safety_part_miss
     # A part constant within every prompt (a constraint with λ = 0) has no slope, and says so.
     flat = fit_diagnostics(t_r, rho, components=np.stack([t_r, np.zeros_like(t_r)], axis=-1))
     assert np.isnan(flat["component_slopes"][1])
+
+
+def test_log_mass_is_the_shift_the_per_prompt_fit_cannot_see():
+    """log Σ_k w_k e^{ρ_k}: 0 for π_ref, log 2 / log 1/2 when every sample's ratio is doubled / halved (hand
+    value), exactly 0 on an exact list whatever π_θ is (the list is the whole support, so π_θ's mass on it is 1)."""
+    t = np.array([[0.0, 1.0, 2.0], [1.0, -1.0, 0.5]])
+    assert fit_diagnostics(t, np.zeros_like(t))["log_mass"] == 0.0
+    shifted = np.array([[math.log(2.0)] * 3, [math.log(0.5)] * 3])
+    assert fit_diagnostics(t, t * 0 + shifted)["log_mass"] == pytest.approx(0.0, abs=1e-15)  # +log 2, -log 2
+    assert fit_diagnostics(t, np.full_like(t, math.log(0.5)))["log_mass"] == pytest.approx(math.log(0.5), rel=1e-12)
+    # ρ = t - log Σ_k π_ref(y_k) e^{t_k}: a normalised policy on an exact list, mass 1.
+    log_ref = np.log([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    rho = t - np.log(np.sum(np.exp(log_ref + t), axis=1, keepdims=True))
+    assert fit_diagnostics(t, rho, log_ref)["log_mass"] == pytest.approx(0.0, abs=1e-12)
+    # iid samples, one ratio of three doubled: log((2 + 1 + 1) / 3).
+    one = np.array([[math.log(2.0), 0.0, 0.0]])
+    assert fit_diagnostics(t[:1], one)["log_mass"] == pytest.approx(math.log(4 / 3), rel=1e-12)

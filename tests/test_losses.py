@@ -78,6 +78,22 @@ def test_listwise_loss_hand_worked_and_at_its_minimum():
     torch.testing.assert_close(rho.grad, torch.tensor([[0.25, -0.25]], dtype=torch.float64))
 
 
+def test_listwise_log_mass_is_the_constant_the_loss_does_not_see():
+    """log Σ_k w_k e^{ρ_k}: every ratio halved leaves the loss unchanged and reads log 1/2 (hand value); on an
+    exact list a normalised policy reads 0."""
+    import math
+
+    from alignment.losses import listwise_loss, listwise_metrics
+
+    target = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    halved = torch.full_like(target, math.log(0.5))
+    assert float(listwise_loss(halved, target)) == pytest.approx(math.log(2.0), rel=1e-12)  # as ρ = 0
+    assert listwise_metrics(halved, target)["log_mass"] == pytest.approx(math.log(0.5), rel=1e-12)
+    base = torch.log(torch.tensor([[0.8, 0.2]], dtype=torch.float64))
+    normalised = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64)) - base
+    assert listwise_metrics(normalised, target, base)["log_mass"] == pytest.approx(0.0, abs=1e-15)
+
+
 def test_all_pairs_are_every_distinct_pair_once():
     from alignment.stages import make_pairs
 

@@ -58,6 +58,9 @@ def test_exact_mocan_reaches_the_closed_form_optimum(tmp_path):
     # (Pinsker's reverse needs min π > 0, which the logits policy has), and the log-ratio tracks r_λ/β.
     assert s["fit/target_kl"] < 1e-3
     assert s["fit/slope"] == pytest.approx(1.0, abs=0.02) and s["fit/corr"] > 0.999
+    # An exact list is the whole support: the policy's mass on it is 1 (log 0), whatever the fit, up to float64
+    # rounding of a 16-term log-sum-exp.
+    assert s["fit/log_mass"] == pytest.approx(0.0, abs=1e-12)
     # In-sample gains are exact expectations on the dual's prompts, which here are the evaluation's prompts:
     # the same sums as eval/* in another order (float64, 120 x 16 terms of O(1): agreement far inside 1e-12).
     assert s["insample/safety_gain"][0] == pytest.approx(s["eval/safety_gain"][0], abs=1e-12)
