@@ -549,11 +549,6 @@ def _jobs_at_once(launcher: Any) -> int:
     return 1
 
 
-def sweep_group(sweep_dir: str) -> str:
-    """The W&B group of a multirun's jobs and of its summary run: ``sweep-<date>-<time>``."""
-    return "sweep-" + str(sweep_dir).strip("/").replace("/", "-").removeprefix("outputs-multirun-")
-
-
 def _callback_base() -> type:
     from hydra.experimental.callback import Callback
 
@@ -569,7 +564,7 @@ class SweepReport(_callback_base()):  # type: ignore[misc]
         import logging
         import sys
 
-        from alignment.report import report_sweep
+        from alignment.report import report_sweep, sweep_group
 
         log = logging.getLogger("sweep")
         sweep_dir = str(config.hydra.sweep.dir)

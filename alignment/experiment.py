@@ -65,11 +65,43 @@ def _dual_curve(reward: np.ndarray, safety: np.ndarray, lam_star: np.ndarray, cf
         ax.axvline(lam_star[j], ls=":", color=ax.lines[-1].get_color())
     ax.set_xlabel("λ (other coordinates at λ*)")
     ax.set_ylabel("D(λ)")
-    ax.set_title(f"dual at margin {list(margins)}")
+    ax.set_title("dual at margin " + ", ".join(f"{m:g}" for m in margins))
     ax.legend(frameon=False)
     tracker.log_table("dual/curve", ["constraint", "lambda", "dual_value", "predicted_safety_gain"], rows)
-    tracker.log_figure("dual/curve", fig)
+    tracker.log_figure("dual/curve_plot", fig)
     plt.close(fig)
+
+
+def chartable(summary: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, float]:
+    """The summary's numbers under ``prefixes`` as W&B can chart them (history, scatter and parallel-coordinates
+    panels take scalars only): scalars as they are, and each entry of a per-constraint vector (``margin``,
+    ``dual/lambda``, ``eval/safety_gain``, ...) as its own ``<key>/<constraint name>``. summary.json keeps the
+    vectors; intervals (``*_ci``) stay there only."""
+    names = list(summary.get("constraints") or [])
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        if not key.startswith(prefixes):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+        elif (isinstance(value, list) and names and len(value) == len(names)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            out.update({f"{key}/{name}": v for name, v in zip(names, value)})
+    return out
+
+
+# The summary's keys logged to the tracker's history at the end of a run (chartable above; the dual's and the
+# predictions' are logged as soon as the dual is solved).
+FINAL_METRICS = ("margin", "dual/", "predicted/", "eval/", "insample/", "fit/", "time/", "compute/", "lmeval")
+
+
+def tracker_settings(cfg: Config, run_dir: Path, resolved: dict[str, Any], group: str | None,
+                     tags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One job's W&B run settings: the sweep's group (``tracker.group`` wins), job_type = the algorithm, named
+    after the job's folder, the resolved config attached (alignment.tracking.WandbTracker's arguments)."""
+    return {"project": cfg.tracker.project, "entity": cfg.tracker.entity, "group": cfg.tracker.group or group,
+            "job_type": cfg.algorithm.label, "tags": [*cfg.tracker.tags, *tags], "name": run_dir.name,
+            "config": resolved, "mode": cfg.tracker.mode}
 
 
 # Keys every summary has, whatever the algorithm (None where a quantity means nothing to it), so tables,
@@ -184,11 +216,8 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     info["distributed"] = {"world_size": dist.world_size, "rank": dist.rank}
     info["threads"] = n_threads
     atomic_write_json(run_dir / "run_info.json", info)
-    tracker = make_tracker(
-        cfg.tracker.kind if dist.is_main else "none", run_dir, project=cfg.tracker.project, entity=cfg.tracker.entity,
-        group=cfg.tracker.group or group, job_type=cfg.algorithm.label, tags=cfg.tracker.tags,
-        name=run_dir.name, config=resolved, mode=cfg.tracker.mode,
-    )
+    tracker = make_tracker(cfg.tracker.kind if dist.is_main else "none", run_dir,
+                           **tracker_settings(cfg, run_dir, resolved, group))
     store = ArtifactStore(cfg.cache_dir)
     times: dict[str, float] = {}
     margins = np.asarray(cfg.safety.margins)
@@ -229,8 +258,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         summary.update(_predictions(outcome, ctx))
         summary["dual/lambda"] = None if outcome.lam is None else outcome.lam.tolist()
         summary.update(outcome.info)
-        tracker.log({k: v for k, v in summary.items() if k.startswith(("dual/", "predicted/"))
-                     and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=tracker.last_step)
+        tracker.log(chartable(summary, ("margin", "dual/", "predicted/")), step=tracker.last_step)
         if outcome.dual_scores is not None and outcome.choice is not None:
             _dual_curve(*outcome.dual_scores, outcome.choice.lam, cfg, ref_logprob, tracker)
         with _timed(times, "evaluate"):
@@ -267,9 +295,9 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
                         "lock/sha256": (info["lock"] or {}).get("sha256"),
                         "packages_match_lock": info["packages_match_lock"],
                         "packages": info["packages"], "run_dir": str(run_dir)})
-        tracker.log({k: v for k, v in summary.items() if k.startswith(("eval/", "time/", "compute/", "lmeval"))
-                     and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=None)
-        tracker.finish(summary)
+        tracker.log(chartable(summary, FINAL_METRICS), step=None)
+        # A job that did not complete (infeasible margin, error) ends its W&B run failed, not finished.
+        tracker.finish(summary, exit_code=0 if summary["status"].startswith("completed") else 1)
     return summary
 
 

@@ -1,9 +1,14 @@
 """Resumable sweeps: a job's identity, a registry of finished jobs, and running one job of a sweep.
 
-A job is identified by the hash of its resolved config (everything but the output folder) and of the code
-that runs it (the source of this package), so relaunching a sweep, into the same folder or a new one, skips
-every job that already completed with the same config and code, reusing its outputs, and reruns jobs that
-failed or never ran. A code change invalidates every job, as it should.
+A job is identified by the hash of its resolved config and of the code that runs it (the source of this
+package), so relaunching a sweep, into the same folder or a new one, skips every job that already completed
+with the same config and code, reusing its outputs, and reruns jobs that failed or never ran. A code change
+invalidates every job, as it should. The key leaves out what does not change a job's results
+(``NOT_IN_JOB_KEY``): where its outputs and the cache live, and where it is tracked.
+
+A job reused from another folder is copied there, marked ``resumed_from`` the folder it came from, and logged
+as a short W&B run in the new sweep's group (tagged ``reused``, carrying the summary), so the group lists every
+job. A job relaunched in place is left as it was: its W&B run is in the group already.
 
 The registry lives in the artifact cache (``<cache_dir>/jobs/<key>.json``), which sweeps share already.
 """
@@ -37,8 +42,13 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
+# Top-level config keys that do not change a job's results: its output folder, the content-addressed cache's
+# location (the same artifacts, however the path is written) and the tracker (W&B or not, project, tags, ...).
+NOT_IN_JOB_KEY = ("run_dir", "cache_dir", "tracker")
+
+
 def job_key(resolved: dict[str, Any]) -> str:
-    identity = {k: v for k, v in resolved.items() if k != "run_dir"}
+    identity = {k: v for k, v in resolved.items() if k not in NOT_IN_JOB_KEY}
     return hashlib.sha256(canonical_json({"config": identity, "code": code_version()}).encode()).hexdigest()
 
 
@@ -71,19 +81,35 @@ class JobRegistry:
 
 
 def reuse(previous: Path, run_dir: Path) -> dict[str, Any]:
-    """Copy a completed job's outputs into this job's folder and return its summary (marked as resumed)."""
+    """Copy a completed job's outputs into this job's folder and return its summary, marked ``resumed_from``
+    the folder it came from. A job relaunched in its own folder is returned as it is: its provenance stays."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if previous.resolve() != run_dir.resolve():
-        for name in REUSED:
-            src = previous / name
-            if src.is_dir():
-                shutil.copytree(src, run_dir / name, dirs_exist_ok=True)
-            elif src.exists():
-                shutil.copy2(src, run_dir / name)
+    if previous.resolve() == run_dir.resolve():
+        return json.loads((run_dir / "summary.json").read_text())
+    for name in REUSED:
+        src = previous / name
+        if src.is_dir():
+            shutil.copytree(src, run_dir / name, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy2(src, run_dir / name)
     summary = json.loads((run_dir / "summary.json").read_text())
     summary.update({"resumed_from": str(previous.resolve()), "run_dir": str(run_dir)})
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def log_reused(cfg: Config, resolved: dict[str, Any], summary: dict[str, Any], group: str | None) -> None:
+    """A reused job's W&B run in this sweep's group: its config, its final metrics and its summary (with
+    ``resumed_from``), tagged ``reused``. Local files are the copied ones, so only W&B is written."""
+    if cfg.tracker.kind != "wandb":
+        return
+    from alignment.experiment import FINAL_METRICS, chartable, tracker_settings
+    from alignment.tracking import WandbTracker
+
+    run_dir = Path(cfg.run_dir or ".")
+    run = WandbTracker(run_dir, **tracker_settings(cfg, run_dir, resolved, group, tags=("reused",)))
+    run.log(chartable(summary, FINAL_METRICS))
+    run.finish(summary)
 
 
 def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None,
@@ -98,8 +124,15 @@ def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None,
     main = distributed.current().is_main  # the ranks of a multi-task job decide alike; rank 0 keeps the books
     previous = registry.completed_run(key)
     if previous is not None:
+        if not main:
+            return None
+        if previous.resolve() == run_dir.resolve():
+            log.info("job %s completed before in this folder: kept as it is", key[:12])
+            return reuse(previous, run_dir)
         log.info("job %s completed before in %s: reusing its outputs", key[:12], previous)
-        return reuse(previous, run_dir) if main else None
+        summary = reuse(previous, run_dir)
+        log_reused(cfg, resolved, summary, group)
+        return summary
     try:
         summary = run_experiment(cfg, resolved_config=resolved, group=group, processes_at_once=processes_at_once)
     except Exception:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -27,6 +28,15 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a multirun's jobs and of its report run, from the sweep folder's identity (its resolved
+    path), so that the jobs and a later ``python -m alignment.report <folder>`` agree however the folder is
+    written: ``sweep-<its last two path parts>-<8 hex digits of the resolved path>``, e.g.
+    ``sweep-2026-11-30-10-00-00-1a2b3c4d`` for the default ``outputs/multirun/<date>/<time>``."""
+    path = Path(sweep_dir).resolve()
+    return f"sweep-{'-'.join(path.parts[-2:])}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
 @dataclass
@@ -163,7 +173,8 @@ class Point:
 def hierarchical_interval(draws: list[np.ndarray], level: float, *, n_boot: int = 2000, seed: int = 0
                           ) -> tuple[float, float]:
     """Percentile interval of the mean over seeds, resampling seeds and then each seed's prompt-bootstrap
-    draws (a two-level bootstrap): with one seed it is that seed's prompt interval."""
+    draws (a two-level bootstrap). With one seed it would only approximate that seed's prompt interval (a
+    resample of its draws), so ``sweep_points`` takes a single run's interval from its summary instead."""
     rng = np.random.default_rng(seed)
     s = len(draws)
     picks = rng.integers(0, s, size=(n_boot, s))
@@ -194,10 +205,10 @@ def sweep_points(sweep: Sweep, level: float = 0.95) -> list[Point]:
         s = [job.summary for job in jobs]
         reward = float(np.mean([x["eval/reward_gain"] for x in s]))
         safety = float(np.mean([x["eval/safety_gain"][0] for x in s]))
-        if all("eval_reward_draws" in a for a in arrays):
+        if len(jobs) > 1 and all("eval_reward_draws" in a for a in arrays):
             reward_ci = hierarchical_interval([a["eval_reward_draws"] for a in arrays], level)
             safety_ci = hierarchical_interval([a["eval_safety_draws"][:, 0] for a in arrays], level)
-        else:  # outputs of older runs: the single run's prompt interval
+        else:  # one seed: the run's own prompt interval, exactly as its summary has it
             reward_ci = tuple(s[0]["eval/reward_gain_ci"])
             safety_ci = (s[0]["eval/safety_gain_ci"][0][0], s[0]["eval/safety_gain_ci"][1][0])
         predicted = [x["predicted/safety_gain"][0] for x in s if x.get("predicted/safety_gain") is not None]
@@ -253,8 +264,12 @@ def report_sweep(root: str | Path, *, tracker_kind: str = "none", project: str =
     points = sweep_points(sweep) if sweep.jobs else []
     atomic_write_json(out / "points.json", [p.to_dict() for p in points])
     atomic_write_json(out / "failed.json", sweep.failed)
+    group = group or sweep_group(sweep.root)
+    # One report run per sweep folder: a fixed id, resumed by every later report of the same sweep, so that a
+    # relaunch or a rerun of the report updates the group's report run instead of adding another.
     tracker = make_tracker(tracker_kind, out, project=project, entity=entity, group=group, job_type="sweep-report",
-                           tags=["sweep-report"], name=f"{group or sweep.root.name}-report",
+                           tags=["sweep-report"], name=f"{group}-report",
+                           run_id="report-" + hashlib.sha256(group.encode()).hexdigest()[:16],
                            config={"sweep_dir": str(sweep.root), "jobs": len(sweep.jobs)}, mode=mode)
     try:
         tracker.log_table("sweep/results", columns, rows)
@@ -266,7 +281,7 @@ def report_sweep(root: str | Path, *, tracker_kind: str = "none", project: str =
             from alignment.figures import sweep_charts
 
             for name, (fig, _) in sweep_charts(sweep, points).items():
-                tracker.log_figure(f"sweep/{name}", fig)
+                tracker.log_figure(f"sweep/{name}_plot", fig)
                 plt.close(fig)
     finally:
         tracker.finish({"sweep/jobs": len(sweep.jobs), "sweep/failed": len(sweep.failed),
@@ -279,12 +294,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Aggregate a sweep folder into results.csv, Pareto fronts and charts.")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--wandb", action="store_true", help="also log a sweep-level W&B run")
-    parser.add_argument("--group", default=None, help="W&B group (default: the sweep's group)")
+    parser.add_argument("--group", default=None, help="W&B group (default: the sweep's group, as its jobs had)")
     args = parser.parse_args()
-    from alignment.config import sweep_group
-
-    result = report_sweep(args.sweep_dir, tracker_kind="wandb" if args.wandb else "none",
-                          group=args.group or sweep_group(str(args.sweep_dir)))
+    result = report_sweep(args.sweep_dir, tracker_kind="wandb" if args.wandb else "none", group=args.group)
     for p in result.points:
         print(f"{p.label:18} margin {list(p.margin)}  reward {p.reward_gain:+.3f} {p.reward_ci}  "
               f"safety {p.safety_gain:+.3f} {p.safety_ci}  {'front' if p.on_front else ''}")

@@ -2,10 +2,13 @@
 
     tracker.log({"train/loss": 0.3}, step=10)
     tracker.log_table("dual/curve", columns, rows)
-    tracker.log_figure("dual/curve", fig)
-    tracker.finish(summary)
+    tracker.log_figure("dual/curve_plot", fig)
+    tracker.finish(summary, exit_code=0)
 
-Keys are namespaced: dual/, predicted/, train/, eval/, compute/, time/.
+Keys are namespaced: dual/, predicted/, train/, eval/, compute/, time/. A table and a figure never share a key
+(W&B would keep whichever came last in the run's summary): figures end in ``_plot``, and ``MultiTracker``
+refuses a name used for both. ``finish``'s exit code is what W&B's run table shows as the run's state: a job
+that did not complete ends failed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class Tracker(Protocol):
 
     def log_figure(self, name: str, figure: Any) -> None: ...
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None: ...
+    def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None: ...
 
 
 def _jsonable(value: Any) -> Any:
@@ -67,7 +70,7 @@ class LocalTracker:
             figure.savefig(tmp, bbox_inches="tight")
             os.replace(tmp, out / f"{_slug(name)}.{ext}")
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if summary is not None:
             atomic_write_json(self.run_dir / "summary.json", summary)
         if not self._metrics.closed:
@@ -83,13 +86,16 @@ class WandbTracker:
 
     def __init__(self, run_dir: str | Path, *, project: str, config: dict[str, Any], group: str | None,
                  job_type: str, tags: Sequence[str], name: str | None, entity: str | None = None,
-                 mode: str | None = None):
+                 mode: str | None = None, run_id: str | None = None):
         import wandb
 
         self._wandb = wandb
         self.mode = mode or os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
+        # run_id: a fixed id (resumed if it exists) for a run that must stay one run however often it is logged,
+        # e.g. a sweep's report run; None: a new run.
         self.run = wandb.init(project=project, entity=entity, group=group, job_type=job_type, tags=list(tags),
                               name=name, config=config, dir=str(run_dir), mode=self.mode, reinit="finish_previous",
+                              id=run_id, resume="allow" if run_id else None,
                               # W&B's own end-of-run dump (history sparklines, summary) would repeat the run's
                               # report in the log; finish() says where the run is instead.
                               settings=wandb.Settings(quiet=True))
@@ -104,11 +110,11 @@ class WandbTracker:
     def log_figure(self, name: str, figure: Any) -> None:
         self.run.log({name: self._wandb.Image(figure)})
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         if summary:
             self.run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
         sync_dir, url = self.run.settings.sync_dir, self.run.url  # read before finish() closes the run
-        self.run.finish()
+        self.run.finish(exit_code=exit_code)
         if self.mode == "offline":
             log.info("W&B run %s saved offline; upload it with: wandb sync %s", self.run.id, sync_dir)
         elif url:
@@ -131,6 +137,12 @@ class MultiTracker:
     def __init__(self, trackers: Sequence[Tracker]):
         self.trackers = list(trackers)
         self.last_step = 0
+        self._kinds: dict[str, str] = {}  # name -> "table" | "figure"
+
+    def _claim(self, name: str, kind: str) -> None:
+        if self._kinds.setdefault(name, kind) != kind:
+            raise ValueError(f"tracker: {name!r} was logged as a {self._kinds[name]} already; give the {kind} its "
+                             "own name (W&B keeps one value per key)")
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if step is not None:
@@ -151,16 +163,18 @@ class MultiTracker:
         return log_phase
 
     def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self._claim(name, "table")
         for t in self.trackers:
             t.log_table(name, columns, rows)
 
     def log_figure(self, name: str, figure: Any) -> None:
+        self._claim(name, "figure")
         for t in self.trackers:
             t.log_figure(name, figure)
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
+    def finish(self, summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
         for t in self.trackers:
-            t.finish(summary)
+            t.finish(summary, exit_code)
 
 
 def make_tracker(kind: str, run_dir: str | Path, **wandb_kwargs: Any) -> MultiTracker:

@@ -69,6 +69,7 @@ class OfflineRun:
     summary: dict[str, Any]
     files: list[str] = field(default_factory=list)  # names of files saved into the run (media, tables...)
     complete: bool = False  # the log holds the run's exit record: finished and fully flushed
+    exit_code: int | None = None  # the exit record's code (non-zero: W&B shows the run as failed)
 
 
 def _read_chunks(data: bytes, source: str) -> Iterator[bytes]:
@@ -184,6 +185,7 @@ def _replay(log_file: Path) -> OfflineRun:
     summary: dict[str, Any] = {}
     files: dict[str, None] = {}  # ordered set
     complete = False
+    exit_code: int | None = None
 
     for record in iter_records(log_file):
         kind = record.WhichOneof("record_type")
@@ -221,6 +223,7 @@ def _replay(log_file: Path) -> OfflineRun:
                 files[file_item.path] = None
         elif kind == "exit":
             complete = True
+            exit_code = record.exit.exit_code
 
     if not run_id:
         match = _RUN_DIR_RE.match(log_file.parent.name)
@@ -238,6 +241,7 @@ def _replay(log_file: Path) -> OfflineRun:
         summary=summary,
         files=list(files),
         complete=complete,
+        exit_code=exit_code,
     )
 
 

@@ -113,7 +113,15 @@ def test_cli_single_run_logs_wandb_offline(tmp_path):
     logged_losses = [row["train/loss"] for row in run.history if "train/loss" in row]
     local = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged_losses == pytest.approx([r["train/loss"] for r in local if "train/loss" in r])
-    assert any("dual/curve" in row for row in run.history)  # the dual curve table was logged
+    # The dual curve's table and figure under their own keys: the summary keeps both (W&B keeps one per key).
+    assert run.summary["dual/curve"]["_type"] == "table-file"
+    assert run.summary["dual/curve_plot"]["_type"] == "image-file"
+    # Per-constraint vectors also reach the history as scalars that W&B's panels can chart.
+    (name,) = summary["constraints"]
+    final = [row for row in run.history if f"eval/safety_gain/{name}" in row]
+    assert final and final[-1][f"eval/safety_gain/{name}"] == pytest.approx(summary["eval/safety_gain"][0])
+    assert run.summary[f"dual/lambda/{name}"] == pytest.approx(summary["dual/lambda"][0])
+    assert run.summary[f"margin/{name}"] == 0.5 and run.exit_code == 0
 
 
 # A multirun over margins (one folder and one W&B run per job, in one group) is checked on the sweep that

@@ -64,9 +64,18 @@ def test_named_sweep_runs_every_job_and_reports(sweep):
     assert next(iter({r.group for r in runs})).startswith("sweep")
     job_runs = [r for r in runs if r.job_type != "sweep-report"]
     assert sorted(r.config["safety"]["margin"] for r in job_runs) == sorted(j.summary["margin"][0] for j in loaded.jobs)
+    assert all(r.exit_code == 0 for r in runs)
+    # points.json: with one seed per point, the intervals are the job's own, to the digit.
+    for point in json.loads((root / "report" / "points.json").read_text()):
+        (job,) = [j for j in loaded.jobs if j.label == point["label"] and list(j.margin) == point["margin"]]
+        lo, hi = job.summary["eval/safety_gain_ci"]
+        assert point["safety_ci"] == [lo[0], hi[0]] and point["reward_ci"] == job.summary["eval/reward_gain_ci"]
+    assert all(f"eval/safety_gain/{j.config['safety']['constraints'][0]}" in j.summary for j in job_runs)
     report_runs = [r for r in runs if r.job_type == "sweep-report"]
     assert len(report_runs) == 1 and report_runs[0].summary["sweep/jobs"] == 9
-    assert any("sweep/pareto" in row for row in report_runs[0].history)
+    # The Pareto table stays a table in the report run's summary; its chart has a key of its own.
+    assert report_runs[0].summary["sweep/pareto"]["_type"] == "table-file"
+    assert report_runs[0].summary["sweep/pareto_plot"]["_type"] == "image-file"
 
 
 def test_relaunch_skips_completed_jobs_and_reports_failures(sweep):
@@ -79,14 +88,74 @@ def test_relaunch_skips_completed_jobs_and_reports_failures(sweep):
     assert len(relaunched.jobs) == 9 and all(j.summary.get("resumed_from") for j in relaunched.jobs)
     first = {(j.label, j.margin): j.summary["eval/safety_gain"] for j in load_sweep(cwd / "sweep").jobs}
     assert {(j.label, j.margin): j.summary["eval/safety_gain"] for j in relaunched.jobs} == first
-    assert time.perf_counter() - start < 60
-    # An infeasible margin fails its job only; the sweep finishes, lists it and exits non-zero.
+    assert time.perf_counter() - start < 120  # 9 reused jobs: copies and short W&B runs, no training
+    # The new folder's W&B group lists every job: each reused job is a short run there, tagged and linked.
+    runs = [read_offline_run(p) for p in find_offline_runs(cwd / "again")]
+    jobs = [r for r in runs if r.job_type != "sweep-report"]
+    assert len(jobs) == 9 and len({r.group for r in runs}) == 1 and all("reused" in r.tags for r in jobs)
+    assert {r.summary["resumed_from"] for r in jobs} == {str(j.run_dir.resolve()) for j in load_sweep(cwd / "sweep").jobs}
+    assert next(iter({r.group for r in runs})) != next(iter({r.group for r in
+                                                             map(read_offline_run, find_offline_runs(cwd / "sweep"))}))
+    # Relaunched in place: nothing reruns, no job run is added, provenance stays, and the report run is the same
+    # W&B run (a fixed id), not a second one in the group.
+    before = set(find_offline_runs(cwd / "sweep"))
+    in_place = cli(["sweeps=margins", *SMALL, "safety.margin=0.1,0.3,0.5",
+                    "algorithm=mocan,primal_dual,reference", "hydra.sweep.dir=sweep"], cwd)
+    assert in_place.returncode == 0, in_place.stderr[-3000:]
+    after = [read_offline_run(p) for p in find_offline_runs(cwd / "sweep") if p not in before]
+    assert [r.job_type for r in after] == ["sweep-report"]
+    first_report = [run for run in map(read_offline_run, before) if run.job_type == "sweep-report"]
+    assert after[0].run_id == first_report[0].run_id
+    assert not any(j.summary.get("resumed_from") for j in load_sweep(cwd / "sweep").jobs)
+    # An infeasible margin fails its job only; the sweep finishes, lists it and exits non-zero, and the job's
+    # W&B run ends failed.
     failing = cli(["-m", *SMALL, "safety.margin=0.3,50", "hydra.sweep.dir=failing"], cwd)
     assert failing.returncode != 0
     assert "failed job" in failing.stderr and "infeasible" in failing.stdout + failing.stderr
     partial = load_sweep(cwd / "failing")
     assert len(partial.jobs) == 1 and len(partial.failed) == 1
     assert partial.jobs[0].summary.get("resumed_from")  # margin 0.3 with MoCAN ran in the first sweep
+    exits = {r.config["safety"]["margin"]: r.exit_code for r in map(read_offline_run, find_offline_runs(cwd / "failing"))
+             if r.job_type == "mocan"}
+    assert exits == {0.3: 0, 50: 1}
+
+
+@pytest.mark.fast
+def test_chartable_scalars_and_one_name_per_kind(tmp_path):
+    from alignment.experiment import chartable
+    from alignment.tracking import make_tracker
+
+    summary = {"constraints": ["harm", "bias"], "margin": [0.1, 0.2], "eval/safety_gain": [0.3, 0.4],
+               "eval/safety_gain_ci": [[0.2, 0.3], [0.4, 0.5]], "eval/kl": 1.5, "eval/constraint_met": True,
+               "fit/component_slopes": [1.0, 0.9, 0.8], "time/train": 2.0}
+    assert chartable(summary, ("margin", "eval/", "fit/")) == {
+        "margin/harm": 0.1, "margin/bias": 0.2, "eval/safety_gain/harm": 0.3, "eval/safety_gain/bias": 0.4,
+        "eval/kl": 1.5}  # not the intervals, the booleans, other prefixes or vectors of another length
+    tracker = make_tracker("none", tmp_path)
+    tracker.log_table("dual/curve", ["a"], [[1]])
+    with pytest.raises(ValueError, match="dual/curve"):
+        import matplotlib.pyplot as plt
+
+        tracker.log_figure("dual/curve", plt.figure())
+    tracker.finish()
+
+
+@pytest.mark.fast
+def test_the_group_is_the_folder_however_it_is_written_and_the_key_what_decides_results(tmp_path, monkeypatch):
+    from alignment.jobs import job_key
+    from alignment.report import sweep_group
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "multirun" / "d" / "t").mkdir(parents=True)
+    written = ["outputs/multirun/d/t", str(tmp_path / "outputs/multirun/d/t"), "outputs/multirun/d/../d/t/"]
+    assert len({sweep_group(w) for w in written}) == 1
+    assert sweep_group("outputs/multirun/d/t").startswith("sweep-d-t-")
+    assert sweep_group("outputs/multirun/d/t") != sweep_group("other/multirun/d/t")  # same tail, other folder
+    resolved = {"seed": 0, "safety": {"margin": 0.3}, "run_dir": "a", "cache_dir": "cache",
+                "tracker": {"kind": "wandb", "tags": []}}
+    same = {**resolved, "run_dir": "b", "cache_dir": str(tmp_path / "cache"), "tracker": {"kind": "none"}}
+    assert job_key(resolved) == job_key(same)
+    assert job_key(resolved) != job_key({**resolved, "safety": {"margin": 0.4}})
 
 
 def test_unknown_sweep_name_fails_loudly(tmp_path):
