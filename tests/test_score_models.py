@@ -1,7 +1,9 @@
 """Score-model loading and scoring on tiny random checkpoints in the exact Beaver (safe-rlhf) layout.
 
 The checkpoints are written with safetensors directly from a stock ``LlamaModel`` state dict (prefix ``model.``)
-plus a ``score_head.weight`` tensor, so the layout does not depend on the implementation under test.
+plus a ``score_head.weight`` tensor, so the layout does not depend on the implementation under test; safe-rlhf's
+current layout (``score_bias``, a ``score_head.bias`` tensor, sharded ``pytorch_model-*.bin`` with an index) is
+written the same way with torch.save.
 """
 
 from __future__ import annotations
@@ -246,3 +248,144 @@ def test_bin_weights_and_config_statistics(tmp_path: Path, beaver) -> None:
     assert model.normalizer.var.item() == 9.0
     raw = score_texts(base_model, tokenizer, TEXTS[:2])
     torch.testing.assert_close(score_texts(model, tokenizer, TEXTS[:2]), raw / 3.0, rtol=0.05, atol=0.05)
+
+
+# -- safe-rlhf's current layout: score_bias, a bias tensor, sharded pytorch_model*.bin ---------------------------
+
+
+def _current_safe_rlhf_state(seed: int = 2) -> dict[str, torch.Tensor]:
+    """Backbone under ``model.*`` and a head with a (non-zero) bias, as today's safe-rlhf saves a trained model."""
+    state = _beaver_state_dict(seed)
+    state["score_head.bias"] = torch.tensor([0.75])
+    return state
+
+
+def _write_sharded_bin(
+    directory: Path, state: dict[str, torch.Tensor], config: dict[str, object], n_shards: int = 2
+) -> Path:
+    """Write ``state`` as ``pytorch_model-0000i-of-0000n.bin`` shards plus ``pytorch_model.bin.index.json``.
+
+    Written with torch.save and json only (as transformers' save_pretrained names them), so the files do not come
+    from the loader under test. The head lands in the last shard, the backbone is spread over all of them.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = sorted(state, key=lambda k: k.startswith("score_head."))  # head last
+    names = [f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin" for i in range(n_shards)]
+    per_shard = -(-len(keys) // n_shards)
+    weight_map: dict[str, str] = {}
+    for index, name in enumerate(names):
+        part = keys[index * per_shard : (index + 1) * per_shard]
+        torch.save({k: state[k] for k in part}, directory / name)
+        weight_map.update({k: name for k in part})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index_json))
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", **BACKBONE, **config}))
+    _write_tokenizer(directory)
+    return directory
+
+
+def _read_shards(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a sharded .bin checkpoint, read back through its index (not through the loader)."""
+    index = json.loads((directory / "pytorch_model.bin.index.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(set(index["weight_map"].values())):
+        state.update(torch.load(directory / name, weights_only=True))
+    assert set(state) == set(index["weight_map"])
+    return state
+
+
+def _direct_end_scores(state: dict[str, torch.Tensor], seqs: list[list[int]]) -> torch.Tensor:
+    """``W h + b`` at each unpadded sequence's last token, with a stock LlamaModel as the backbone; ``[N]``."""
+    reference = LlamaModel(LlamaConfig(**BACKBONE)).eval()
+    reference.load_state_dict(
+        {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    )
+    weight = state["score_head.weight"][0]  # [E]
+    bias = state.get("score_head.bias", torch.zeros(1))[0]  # safe-rlhf: no tensor = zero bias
+    with torch.no_grad():
+        last = [reference(input_ids=torch.tensor([ids])).last_hidden_state[0, -1] for ids in seqs]
+    return torch.stack([(h * weight).sum() + bias for h in last])
+
+
+def _padded(seqs: list[list[int]], side: str, pad_id: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[N, max len]`` padded on ``side`` ("right" / "left") with ``pad_id``."""
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, ids in enumerate(seqs):
+        cols = slice(0, len(ids)) if side == "right" else slice(width - len(ids), width)
+        input_ids[row, cols] = torch.tensor(ids)
+        mask[row, cols] = 1
+    return input_ids, mask
+
+
+def _assert_end_scores_match(model: LlamaForScore, tokenizer, state: dict[str, torch.Tensor]) -> None:
+    """The loaded model's end scores equal the direct computation to 1e-5, right- and left-padded."""
+    seqs = [tokenizer(t)["input_ids"] for t in TEXTS[:4]]
+    assert len(set(map(len, seqs))) == len(seqs)  # different lengths, so every row but one is padded
+    expected = _direct_end_scores(state, seqs)
+    for side in ("right", "left"):
+        input_ids, mask = _padded(seqs, side)
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=mask)
+        torch.testing.assert_close(out.end_scores[:, 0], expected, rtol=1e-5, atol=1e-5, msg=side)
+    torch.testing.assert_close(
+        score_texts(model, tokenizer, TEXTS[:4], batch_size=3), expected, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_current_safe_rlhf_layout_score_bias_sharded_bin(tmp_path: Path) -> None:
+    """score_bias true wins over a stale ``bias: false`` (what a config re-saved by today's safe-rlhf holds)."""
+    directory = _write_sharded_bin(
+        tmp_path / "beaver",
+        _current_safe_rlhf_state(),
+        {
+            "architectures": ["LlamaForScore"],
+            "score_dim": 1,
+            "score_bias": True,
+            "bias": False,
+            "score_type": "reward",
+        },
+    )
+    state = _read_shards(directory)
+    assert state["score_head.bias"].item() == 0.75
+    model, tokenizer = load_score_model(str(directory))
+    assert isinstance(model, LlamaForScore) and model.score_head.bias is not None
+    _assert_end_scores_match(model, tokenizer, state)
+
+
+def test_score_bias_without_bias_tensor_is_a_zero_bias(tmp_path: Path) -> None:
+    state = {k: v for k, v in _current_safe_rlhf_state().items() if k != "score_head.bias"}
+    directory = _write_sharded_bin(
+        tmp_path / "beaver",
+        state,
+        {"architectures": ["LlamaForScore"], "score_dim": 1, "score_bias": True, "score_type": "cost"},
+    )
+    model, tokenizer = load_score_model(str(directory))
+    assert model.score_head.bias is not None and model.score_head.bias.tolist() == [0.0]
+    _assert_end_scores_match(model, tokenizer, _read_shards(directory))
+
+
+def test_first_beaver_architecture_name_and_old_bias_key(tmp_path: Path) -> None:
+    """``LlamaModelForScore`` (safe-rlhf's first commits) with the old ``bias: true`` key and a bias tensor."""
+    directory = _write_sharded_bin(
+        tmp_path / "beaver",
+        _current_safe_rlhf_state(),
+        {"architectures": ["LlamaModelForScore"], "score_dim": 1, "bias": True, "score_type": "reward"},
+        n_shards=1,
+    )
+    model, tokenizer = load_score_model(str(directory))
+    assert isinstance(model, LlamaForScore)
+    _assert_end_scores_match(model, tokenizer, _read_shards(directory))
+
+
+def test_bias_tensor_against_a_false_bias_flag_is_rejected(tmp_path: Path) -> None:
+    """Strictness stays: ``score_bias: false`` with a bias tensor means the config and weights disagree."""
+    directory = _write_sharded_bin(
+        tmp_path / "beaver",
+        _current_safe_rlhf_state(),
+        {"architectures": ["LlamaForScore"], "score_dim": 1, "score_bias": False, "bias": True},
+    )
+    with pytest.raises(ScoreLoadingError, match=r"unexpected keys: score_head\.bias"):
+        load_score_model(str(directory))
