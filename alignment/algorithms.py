@@ -36,7 +36,12 @@ from alignment.stages import make_lists, make_pairs, reference_means
 
 
 class InfeasibleMarginError(ValueError):
-    """The configured margin is beyond what any reweighting of π_ref's samples can reach."""
+    """The configured margin is beyond what any reweighting of π_ref's samples can reach. ``solution``: the
+    dual's infeasible solution, whose ``reachable_margin`` the run's summary records beside the message."""
+
+    def __init__(self, message: str, solution: DualSolution | None = None):
+        super().__init__(message)
+        self.solution = solution
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ def one_shot_dual(reward: np.ndarray, safety: np.ndarray, margin: np.ndarray, cf
     sol = solve_dual(reward, safety, margin, cfg.beta, ref_logprob=ref_logprob, tol=cfg.dual.tol,
                      max_iter=cfg.dual.max_iter)
     if not sol.feasible:
-        raise InfeasibleMarginError(f"safety.margin={margin.tolist()}: {sol.message}")
+        raise InfeasibleMarginError(f"safety.margin={margin.tolist()}: {sol.message}", sol)
     intervals = None
     if cfg.dual.bootstrap > 1:
         intervals = bootstrap(reward, safety, margin, cfg.beta, ref_logprob=ref_logprob,

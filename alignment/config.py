@@ -3,7 +3,8 @@
 This is the only module that knows Hydra. ``run.py`` composes a config, converts it once with
 ``OmegaConf.to_object`` into the dataclasses below, and everything downstream receives plain typed objects.
 Each YAML option under ``conf/<group>/`` starts from a schema registered here (``defaults: [base_<kind>]``),
-so a typo in a key or a wrong type fails at composition with Hydra's message naming the key.
+so a typo in a key or a wrong type fails at composition with Hydra's message naming the key; a bad value, or
+groups that do not make one world together (``check_world``), fail at conversion, before any work.
 """
 
 from __future__ import annotations
@@ -111,9 +112,13 @@ class ScorerSpec:
 class ScorerConfig:
     """The reward r and the safety scores g_1..g_m (one per constraint)."""
 
-    kind: str = "tabular"  # tabular | text
+    kind: str = "tabular"  # tabular: the tabular world's score tables | text: scorers of (prompt, response) text
     reward: ScorerSpec = field(default_factory=lambda: ScorerSpec(name="helpfulness"))
     safety: list[ScorerSpec] = field(default_factory=lambda: [ScorerSpec(name="harmlessness")])
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("tabular", "text"):
+            raise ValueError(f"scorer.kind: 'tabular' (the tabular world's tables) or 'text', got {self.kind!r}")
 
 
 @dataclass
@@ -170,13 +175,21 @@ class PreferenceDatasetConfig:
         _positive(self, "n_prompts", "n_eval_prompts")
 
 
+# ToyModelConfig's name_or_path: the toy model is built here, never loaded, so this is the only value it takes.
+TOY_BUILT_IN = "built-in"
+
+
 @dataclass
 class ToyModelConfig(HFModelConfig):
-    """The toy world's reference: a tiny LlamaForCausalLM SFT-ed on the world's demonstrations (cached)."""
+    """The toy world's reference: a tiny LlamaForCausalLM SFT-ed on the world's demonstrations (cached).
+
+    It inherits the HF fields that the built model is loaded and trained with (dtype, device, lora, ...), but
+    not a checkpoint: ``name_or_path`` and ``revision`` are fixed, and another value fails here instead of
+    being silently replaced by the built model."""
 
     kind: str = "toy"
     name: str = "toy-llama"
-    name_or_path: str = "built-in"
+    name_or_path: str = TOY_BUILT_IN
     hidden: int = 128
     layers: int = 2
     heads: int = 4
@@ -189,6 +202,14 @@ class ToyModelConfig(HFModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(self, "sft_steps", "sft_threads")
+        for key, value, default in (("name_or_path", self.name_or_path, TOY_BUILT_IN),
+                                    ("revision", self.revision, None)):
+            if value != default:
+                raise ValueError(
+                    f"model.{key}={value!r}: model={self.name} is the toy world's Llama, built here by SFT on "
+                    "the toy world's demonstrations and cached; it loads no checkpoint. To align a model of your "
+                    "own (on the toy world too), use an HF model: model=smollm2-135m "
+                    "model.name_or_path=<hub id or folder>, with dataset=toy scorer=toy for the toy world")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,6 +503,7 @@ class Config:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads: a positive number of CPU threads, or null for this job's share of the "
                              f"cores; got {self.threads}")
+        check_world(self)  # before anything below reads the groups' fields
         n = getattr(self.dataset, "n_constraints", len(self.safety.constraints))
         if len(self.safety.constraints) != n or len(self.scorer.safety) != n:
             raise ValueError(
@@ -494,6 +516,123 @@ def _positive(obj: Any, *names: str) -> None:
     for name in names:
         if not getattr(obj, name) > 0:
             raise ValueError(f"{type(obj).__name__}.{name}: must be > 0, got {getattr(obj, name)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Which groups fit together
+#
+# Each group's option is valid on its own, but a world is a dataset, a policy and scorers that speak the same
+# language: the tabular world's table policy and score tables, or text prompts with a causal LM and text scorers.
+# A mismatch used to run anyway (an HF model's name recorded on a tabular run), be ignored (a checkpoint path
+# on the toy model) or fail only after minutes of work (tables asked to score text after π_ref was built), so
+# it is refused here, at conversion, and again by run_experiment for configs changed after construction.
+
+DATASET_SCHEMAS = (TabularDatasetConfig, ToyDatasetConfig, PromptSetsDatasetConfig, PreferenceDatasetConfig)
+MODEL_SCHEMAS = (TabularModelConfig, ToyModelConfig, HFModelConfig)
+# Scorer names that exist without a path, named here so that a misspelt one fails at conversion rather than
+# after π_ref is built: the toy world's gold text scorers (alignment/scorers.py) and the learned MiniLM heads
+# (alignment/learned_scorers.py). tests/test_faults_config.py checks that the two lists match those modules.
+GOLD_TEXT_SCORERS = ("toy/helpfulness", "toy/safety")
+LEARNED_SCORERS = ("minilm/helpfulness", "minilm/safety")
+# Worlds whose held-out prompts are marked harmful or benign, which lm-eval's refusal tasks need.
+LMEVAL_DATASETS = ("toy", "prompts")
+
+_WORLDS = {
+    "tabular": "the tabular world: a table policy over listed candidates and score tables, no text",
+    "toy": "the toy world's text prompts",
+    "prompts": "real text prompts",
+    "pku": "a preference dataset of text prompts and responses",
+}
+_MODELS = {
+    "tabular": "the tabular world's table of logits",
+    "toy": "the toy world's Llama, SFT-ed on that world's own prompts",
+    "hf": "a causal LM",
+}
+_TEXT_SCORERS = ("scorer=toy (the toy world's gold scorers, defined on any text), scorer=learned (MiniLM heads "
+                 "trained here) or scorer=beaver (the paper's 7B models, GPU)")
+
+
+class IncompatibleGroupsError(ValueError):
+    """Config group options that are each valid but do not make one world together (e.g. an HF model on the
+    tabular world). The message names the groups, the options and a combination that works."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"config groups do not fit together: {problem}; {fix}")
+
+
+def _schema_kind(obj: Any) -> str:
+    """The ``kind`` a schema is registered with (its field default): overriding it would make the stages
+    treat one schema as another."""
+    from dataclasses import fields
+
+    return next(f.default for f in fields(obj) if f.name == "kind")
+
+
+def check_world(cfg: Config) -> None:
+    """Refuse a dataset, model and scorer (and eval.lmeval) that do not make one world, before any work.
+
+    Raises ``IncompatibleGroupsError`` (a ``ValueError``) naming the groups, the options and the fix. Valid
+    worlds: dataset=tabular with model=tabular and scorer=tabular; a text dataset (toy, real-prompts,
+    pku-saferlhf-30k) with a causal LM (model=toy-llama only on dataset=toy, which it is built from) and text
+    scorers."""
+    d, m, s = cfg.dataset, cfg.model, cfg.scorer
+    for group, value, schemas, base in (
+        ("dataset", d, DATASET_SCHEMAS, "base_tabular, base_toy, base_prompts or base_preferences"),
+        ("model", m, MODEL_SCHEMAS, "base_tabular, base_toy or base_hf"),
+        ("scorer", s, (ScorerConfig,), "base_scorer"),
+    ):
+        # A YAML option without its schema converts to a plain dict, whose fields nothing downstream can read.
+        if not isinstance(value, schemas):
+            raise ValueError(f"{group}: got a {type(value).__name__}, not a {group} schema; start the option's "
+                             f"YAML (conf/{group}/<option>.yaml) with `defaults: [<schema>]`, one of {base}")
+        if group != "scorer" and value.kind != _schema_kind(value):
+            raise ValueError(f"{group}.kind={value.kind!r}: the kind is fixed by the option's schema "
+                             f"({type(value).__name__}: {_schema_kind(value)!r}); choose another {group} option "
+                             f"instead of overriding {group}.kind")
+    world = f"dataset={d.name} ({_WORLDS[d.kind]})"
+    model = f"model '{m.name}' ({_MODELS[m.kind]})"
+    specs = [("scorer.reward", s.reward), *((f"scorer.safety[{j}]", spec) for j, spec in enumerate(s.safety))]
+    if d.kind == "tabular":
+        if m.kind != "tabular":
+            raise IncompatibleGroupsError(
+                f"{model} does not fit {world}",
+                "use model=tabular scorer=tabular (or experiment=tabular for the whole world), or run this model "
+                f"on a text world: experiment={'toy' if m.kind == 'toy' else 'smollm2'}")
+        if s.kind != "tabular":
+            raise IncompatibleGroupsError(
+                f"scorer.kind={s.kind} (text scorers: reward {s.reward.name!r}) does not fit {world}, which has "
+                "no text to score", "use scorer=tabular (or experiment=tabular for the whole world)")
+        for where, spec in specs:
+            if spec.kind != "gold":
+                raise IncompatibleGroupsError(
+                    f"{where}.kind={spec.kind} does not fit {world}, whose scores are its own tables",
+                    f"set {where}.kind=gold, or use scorer=tabular")
+    else:
+        if m.kind == "tabular":
+            raise IncompatibleGroupsError(
+                f"{model} does not fit {world}, which needs a language model",
+                "use a causal LM: model=toy-llama on dataset=toy (experiment=toy) or model=smollm2-135m "
+                "(experiment=smollm2); or experiment=tabular for the tabular world")
+        if m.kind == "toy" and d.kind != "toy":
+            raise IncompatibleGroupsError(
+                f"{model} does not fit {world}: it is built from dataset=toy's prompts and demonstrations",
+                f"use dataset=toy (experiment=toy), or an HF model such as model=smollm2-135m for dataset={d.name}")
+        if s.kind != "text":
+            raise IncompatibleGroupsError(
+                f"scorer.kind={s.kind} (the tabular world's score tables) does not fit {world}, whose responses "
+                "are text", f"use a text scorer: {_TEXT_SCORERS}")
+        for where, spec in specs:
+            known = {"gold": GOLD_TEXT_SCORERS, "learned": LEARNED_SCORERS}.get(spec.kind)
+            if known is not None and spec.name not in known:
+                raise IncompatibleGroupsError(
+                    f"{where} {spec.name!r} (kind {spec.kind}) is not a {spec.kind} scorer of {world}",
+                    f"use one of {list(known)} for kind {spec.kind}, or {_TEXT_SCORERS}")
+    if cfg.eval.lmeval and d.kind not in LMEVAL_DATASETS:
+        raise IncompatibleGroupsError(
+            f"eval.lmeval=true does not fit {world}: lm-eval's refusal tasks need a language model and held-out "
+            "prompts marked harmful or benign, which only dataset=toy and dataset=real-prompts have",
+            "set eval.lmeval=false" + (", or use experiment=tabular, which leaves it off" if d.kind == "tabular"
+                                       else ", or use one of those datasets"))
 
 
 # ----------------------------------------------------------------------------------------------------------

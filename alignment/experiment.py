@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -20,7 +21,7 @@ import torch
 
 from alignment import distributed
 from alignment.algorithms import AlignmentContext, InfeasibleMarginError, LambdaChoice, Outcome, get_algorithm
-from alignment.config import Config
+from alignment.config import Config, check_world
 from alignment.console import quiet_libraries
 from alignment.dual import dual_path, dual_terms
 from alignment.fit import fit_diagnostics
@@ -193,6 +194,30 @@ def _save_arrays(path: Path, ctx: AlignmentContext, reward_draws: np.ndarray, sa
 # The experiment
 
 
+class CacheDirError(OSError):
+    """``cache_dir`` cannot be written: every stage caches its artifacts there and sweeps record their finished
+    jobs there, so a run would fail after its work (a multirun after every job's)."""
+
+
+def check_cache_dir(cache_dir: str | Path) -> Path:
+    """Make ``cache_dir`` if missing and write (then remove) a file in it, before any work; return it absolute.
+
+    The folder is left in place, empty, when this check made it: jobs of a parallel sweep check the same folder
+    at once, and removing it again could pull it from under another job's check."""
+    root = Path(cache_dir).expanduser().absolute()
+    probe = root / f".write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CacheDirError(
+            f"cache_dir={cache_dir}: cannot write to {root} ({type(err).__name__}: {err.strerror or err}); every "
+            "stage caches its artifacts there and sweeps record their finished jobs there. Make it writable, or "
+            "set cache_dir=<a writable folder>") from err
+    return root
+
+
 def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None, group: str | None = None,
                    progress: bool = True, processes_at_once: int = 1) -> dict[str, Any]:
     """Align the configured policy with the configured algorithm; write and return the summary.
@@ -200,6 +225,8 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     ``processes_at_once``: jobs of the launch running together on this machine, which share its cores
     (``threads: null`` divides them; alignment/threads.py)."""
     algorithm = get_algorithm(cfg.algorithm.name)  # an unknown name fails before any work
+    check_world(cfg)  # groups that do not fit together, also in a config changed after its conversion
+    check_cache_dir(cfg.cache_dir)  # an unwritable cache would fail once the work is done
     run_dir = Path(cfg.run_dir or ".")
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = resolved_config if resolved_config is not None else asdict(cfg)
@@ -280,6 +307,10 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         summary["status"] = "completed"
     except InfeasibleMarginError as err:
         summary.update({"status": "infeasible", "dual/feasible": False, "error": str(err)})
+        if err.solution is not None:  # what the message says, as numbers: how far each margin can go
+            sol = err.solution
+            summary.update({"dual/reachable_margin": sol.reachable_margin.tolist(), "dual/message": sol.message,
+                            "dual/iterations": sol.iterations, "dual/converged": sol.converged})
         raise
     except Exception as err:
         summary.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
@@ -368,16 +399,24 @@ def format_report(summary: dict[str, Any]) -> str:
         return [f"{name + ' gain' if i == 0 else '':13}{label:10}{vec(summary.get(f'{key}/{name}_gain'))}"
                 f"{ci(summary.get(f'{key}/{name}_gain_ci'))}" for i, (label, key) in enumerate(rows)]
 
+    def lambda_ci() -> str:
+        # Resamples whose margin was out of reach have no λ* and are left out of its interval: say how many,
+        # since a large share means the margin sits near the reachable limit and the interval is optimistic.
+        infeasible = summary.get("dual/bootstrap_infeasible_fraction") or 0.0
+        feasible = (f"  (over the feasible resamples: {infeasible:.0%} of the dual's bootstrap resamples could "
+                    "not reach the margin)" if infeasible > 0 and summary.get("dual/lambda_ci") else "")
+        return ci(summary.get("dual/lambda_ci")) + feasible
+
     compute = summary.get("compute/training_runs")
     newton = summary.get("mocan_newton/lambda0") is not None
     return "\n".join([
         f"algorithm {summary.get('algorithm/label', summary['algorithm'])}  margin {vec(summary['margin'])}  "
         f"beta {summary['beta']}",
         # mocan_newton: λ* (with the dual's interval) and the slack that moved it, then the λ it trained at.
-        *([f"lambda* (first shot)   {vec(summary['mocan_newton/lambda0'])}{ci(summary.get('dual/lambda_ci'))}  "
+        *([f"lambda* (first shot)   {vec(summary['mocan_newton/lambda0'])}{lambda_ci()}  "
            f"in-sample slack {vec(summary['mocan_newton/slack0'])} -> one Newton step"] if newton else []),
         f"{'lambda*' if summary['algorithm'] in ('mocan', 'pecan') else 'lambda':23}{vec(summary['dual/lambda'])}"
-        f"{'' if newton else ci(summary.get('dual/lambda_ci'))}",
+        f"{'' if newton else lambda_ci()}",
         *gains("safety"),
         *gains("reward"),
         f"KL           predicted {vec(summary['predicted/kl'])}  held-out {vec(summary['eval/kl'])}",

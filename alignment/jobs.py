@@ -10,7 +10,9 @@ A job reused from another folder is copied there, marked ``resumed_from`` the fo
 as a short W&B run in the new sweep's group (tagged ``reused``, carrying the summary), so the group lists every
 job. A job relaunched in place is left as it was: its W&B run is in the group already.
 
-The registry lives in the artifact cache (``<cache_dir>/jobs/<key>.json``), which sweeps share already.
+The registry lives in the artifact cache (``<cache_dir>/jobs/<key>.json``), which sweeps share already. Each
+completed entry lists the sha256 of every output a reuse copies; a job whose outputs changed since (an edited
+``summary.json``, a truncated ``arrays.npz``) is rerun instead of reused, with a warning naming the file.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import Config
-from alignment.store import atomic_write_json, canonical_json
+from alignment.store import atomic_write_json, canonical_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +54,23 @@ def job_key(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json({"config": identity, "code": code_version()}).encode()).hexdigest()
 
 
+def output_checksums(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file a reuse copies (``REUSED``, folders recursively), keyed by POSIX path in the run."""
+    sums: dict[str, str] = {}
+    for name in REUSED:
+        top = run_dir / name
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top] if top.is_file() else []:
+            if path.is_file():
+                sums[path.relative_to(run_dir).as_posix()] = sha256_file(path)
+    return sums
+
+
 class JobRegistry:
-    """Finished jobs by key: ``{"status": ..., "run_dir": ...}``, written atomically."""
+    """Finished jobs by key: ``{"status": ..., "run_dir": ..., "outputs": {file: sha256}}``, written atomically.
+
+    ``outputs`` (completed jobs) is what a later launch reuses without looking: results.csv and the figures are
+    read from those files, so one that changed after the job (by hand or by a broken copy) must not pass for
+    the job's result."""
 
     def __init__(self, cache_dir: str | Path):
         self.root = Path(cache_dir) / "jobs"
@@ -62,7 +79,8 @@ class JobRegistry:
         return self.root / f"{key}.json"
 
     def completed_run(self, key: str) -> Path | None:
-        """The folder of a completed run with this key whose summary is still there, else None."""
+        """The folder of a completed run with this key whose outputs are still the ones recorded, else None
+        (the job then reruns; a changed or missing output is logged as a warning naming the file)."""
         try:
             entry = json.loads(self._path(key).read_text())
         except (OSError, ValueError):
@@ -72,12 +90,30 @@ class JobRegistry:
         if entry.get("status") != "completed" or not summary.exists():
             return None
         try:
-            return run_dir if json.loads(summary.read_text()).get("status") == "completed" else None
+            if json.loads(summary.read_text()).get("status") != "completed":
+                return None
         except ValueError:
             return None
+        recorded = entry.get("outputs")
+        if not isinstance(recorded, dict) or "summary.json" not in recorded:
+            # Recorded without checksums: nothing vouches for its outputs.
+            log.warning("job %s in %s has no recorded checksums of its outputs: rerunning it", key[:12], run_dir)
+            return None
+        found = output_checksums(run_dir)
+        for name, digest in sorted(recorded.items()):
+            if found.get(name) != digest:
+                state = "is missing" if name not in found else "changed since the job completed (sha256 differs)"
+                log.warning("job %s: %s %s: rerunning the job instead of reusing its outputs", key[:12],
+                            run_dir / name, state)
+                return None
+        return run_dir
 
     def record(self, key: str, run_dir: str | Path, status: str) -> None:
-        atomic_write_json(self._path(key), {"status": status, "run_dir": str(Path(run_dir).resolve())})
+        run_dir = Path(run_dir).resolve()
+        entry: dict[str, Any] = {"status": status, "run_dir": str(run_dir)}
+        if status == "completed":
+            entry["outputs"] = output_checksums(run_dir)
+        atomic_write_json(self._path(key), entry)
 
 
 def reuse(previous: Path, run_dir: Path) -> dict[str, Any]:
@@ -117,8 +153,11 @@ def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None,
     """One job of a multirun: skipped (outputs reused) when an identical job completed before; otherwise run,
     with a failure recorded and logged instead of raised, so the sweep goes on and reports it at the end."""
     from alignment import distributed
-    from alignment.experiment import run_experiment
+    from alignment.experiment import check_cache_dir, run_experiment
 
+    # Raised, not recorded as the job's failure: the registry lives in this folder, and every job of the sweep
+    # would fail alike, so the sweep stops here, before any job's work.
+    check_cache_dir(cfg.cache_dir)
     registry, key = JobRegistry(cfg.cache_dir), job_key(resolved)
     run_dir = Path(cfg.run_dir or ".")
     main = distributed.current().is_main  # the ranks of a multi-task job decide alike; rank 0 keeps the books
