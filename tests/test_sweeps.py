@@ -170,9 +170,11 @@ def test_figures_regenerate_from_outputs_and_match_summaries(sweep, tmp_path):
     data = make_figures(cwd / "sweep", tmp_path / "figs")
     elapsed = time.perf_counter() - start
     assert elapsed < 30, elapsed
-    expected = {"fig1a_reference_scores", "fig1b_dual_curves", "fig1c_solver_error", "fig2a_predicted_vs_achieved",
-                "fig2b_score_distributions", "fig3a_tradeoff", "fig4_lambda_vs_data", "fig5_compute"}
+    expected = {"fig1a_reference_scores", "fig1b_dual_curves", "fig1c_solver_error", "fig1d_lambda_vs_margin",
+                "fig2a_predicted_vs_achieved", "fig2b_score_distributions", "fig3a_tradeoff", "fig4_lambda_vs_data",
+                "fig5_compute"}
     assert expected <= set(data)
+    assert set(data.skipped) == {"fig3b_win_rates"}  # an exact world has no model-based win rates, and says so
     for key in expected:
         assert (tmp_path / "figs" / f"{key}.pdf").stat().st_size > 0 and (tmp_path / "figs" / f"{key}.png").exists()
     jobs = load_sweep(cwd / "sweep").jobs
@@ -185,6 +187,11 @@ def test_figures_regenerate_from_outputs_and_match_summaries(sweep, tmp_path):
         assert ach == pytest.approx(mocan[margin]["eval/safety_gain"][0])
     for margin, curve in data["fig1b_dual_curves"].items():
         assert curve["lambda_star"] == pytest.approx(mocan[margin]["dual/lambda"][0], rel=1e-6)
+    lams = data["fig1d_lambda_vs_margin"]  # λ against the margin: the summaries' multipliers, per algorithm
+    assert set(lams) == {"mocan", "primal_dual_cold"}
+    for label, d in lams.items():
+        own = {j.margin[0]: j.summary["dual/lambda"][0] for j in jobs if j.label == label}
+        assert dict(zip(d["margin"], d["lambda"])) == pytest.approx(own)
     trade = data["fig3a_tradeoff"]
     for job in jobs:  # one seed per point: the plotted point is the job's own pair of gains
         assert any(np.isclose(x, job.summary["eval/reward_gain"]) and np.isclose(y, job.summary["eval/safety_gain"][0])
