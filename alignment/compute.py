@@ -1,8 +1,10 @@
 """What an algorithm spends, counted in units that mean the same on a laptop and a GPU cluster.
 
 Counts are the work the algorithm needs, whether or not an artifact came from the cache (a cached adapter
-carries the counts of the training that made it), so the same config gives the same numbers. Wall time is
-measured separately, under ``time/*``. Evaluation is shared by every algorithm and is not counted.
+carries the counts of the training that made it), so the same config gives the same numbers. The same holds
+for a training killed and resumed from a checkpoint: the checkpoint carries the counts spent before it, and the
+resumed run adds them (``alignment.training.train_items``, ``meter``). Wall time is measured separately, under
+``time/*``. Evaluation is shared by every algorithm and is not counted.
 
 Units: a *token* is one position through the policy (prompt and response; the tabular world counts one token
 per response); *forward* tokens include reference log-probabilities; *backward* tokens are those of forward

@@ -651,16 +651,22 @@ class LanguageStages:
     def trained(self, spec: dict[str, Any], run: Any) -> tuple[TrainedAdapter, dict[str, Any]]:
         """A LoRA adapter trained from π_ref by ``run(model, work_dir) -> info``, cached by ``spec`` (plus the
         model, LoRA settings and seed). The adapter carries the compute its training spent, so a cache hit
-        reports the same ``compute/*`` as the run that made it."""
+        reports the same ``compute/*`` as the run that made it.
+
+        ``work_dir`` (``<cache_dir>/checkpoints/<key>``) holds the training's checkpoints; a checkpoint carries
+        the compute and losses so far, so a run resumed after a kill reports what an uninterrupted one would.
+        The store deletes the folder once the adapter is published: it is useless then, and a leftover would
+        otherwise be resumed from if the adapter were ever found corrupt and recomputed."""
         cfg = self.cfg
         full = {"model": self.model_id, "lora": asdict(self.model_cfg.lora), "seed": cfg.seed, **spec}
         key = self.store.key("adapter", full, version=self.ADAPTER_VERSION)
+        work = self.store.root / "checkpoints" / key
 
         def compute(out: Path) -> None:
             model = self.policy_handle.model
             self._set_adapter("initial", self._initial_adapter)
             before = self.compute.snapshot()
-            info = run(model, self.store.root / "checkpoints" / key)
+            info = run(model, work)
             self._count_all_ranks(before)
             model.save_pretrained(str(out))
             self._active = key
@@ -668,7 +674,7 @@ class LanguageStages:
 
         # Collective: under a distributed launch every rank trains (its share of each batch); rank 0 publishes.
         result = self.store.get_or_compute("adapter", full, compute=compute, version=self.ADAPTER_VERSION,
-                                           collective=True)
+                                           collective=True, work=work)
         saved = json.loads((result.path / "train.json").read_text())
         adapter = TrainedAdapter(result.key, result.path)
         if result.hit:
@@ -703,7 +709,8 @@ class LanguageStages:
         def run(model: nn.Module, work: Path) -> dict[str, Any]:
             result = train_items(model, pairs, self._objective(pairs, objective, beta), cfg=cfg.trainer,
                                  seed=cfg.seed, log=log, progress=progress,
-                                 checkpoint_dir=work if cfg.trainer.checkpoint_every else None)
+                                 checkpoint_dir=work if cfg.trainer.checkpoint_every else None,
+                                 meter=self.compute)  # checkpoints carry the compute spent before them
             self.compute.add(training_runs=1)
             return {"train/final_loss": result.final_loss, "train/steps": result.steps, "history": result.history}
 

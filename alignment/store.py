@@ -13,6 +13,10 @@ Layout under ``root`` (one filesystem, so publishing is a single rename)::
     <stage>/.tmp-<key>-<rand>/        entry being computed; invisible to readers until renamed into place
     <stage>/.trash/<key>-<rand>/      corrupted entry moved aside while it is deleted
 
+A computation may also keep resumable state outside the entry (``work``: stage 2's checkpoints), so that a
+killed run picks up where it stopped; the store deletes that folder, under the key's lock, once the entry is
+published, and deletes one left over (a kill between publishing and deleting) on the next lookup.
+
 Invariants: an entry directory exists at its final path only once complete (manifest written last, then one
 atomic ``os.rename``), and only a process holding the key's lock ever creates or removes it. That is what lets
 the hit path read without taking the lock.
@@ -48,6 +52,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "canonical_json",
+    "sha256_file",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -150,7 +155,8 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _sha256_file(path: Path, *, sync: bool = False) -> str:
+def sha256_file(path: Path, *, sync: bool = False) -> str:
+    """sha256 hex digest of a file, read in chunks (``sync``: fsync it too, as a publisher needs)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -178,7 +184,7 @@ def _scan_files(root: Path) -> dict[str, dict[str, Any]]:
         for name in sorted(filenames):
             p = Path(dirpath) / name
             rel = p.relative_to(root).as_posix()
-            files[rel] = {"sha256": _sha256_file(p, sync=True), "size": p.stat().st_size}
+            files[rel] = {"sha256": sha256_file(p, sync=True), "size": p.stat().st_size}
     return files
 
 
@@ -325,7 +331,7 @@ class ArtifactStore:
                 # Size first: it is free and catches truncation without reading the file.
                 if p.stat().st_size != meta["size"]:
                     return f"size mismatch for {rel}"
-                if _sha256_file(p) != meta["sha256"]:
+                if sha256_file(p) != meta["sha256"]:
                     return f"checksum mismatch for {rel}"
             except FileNotFoundError:
                 return f"missing file {rel}"
@@ -343,6 +349,7 @@ class ArtifactStore:
         *,
         version: str,
         collective: bool = False,
+        work: Path | None = None,
     ) -> CacheResult:
         """Return the entry for ``(stage, spec, version)``, running ``compute(tmpdir)`` only if it is absent.
 
@@ -355,21 +362,28 @@ class ArtifactStore:
         rank 0 computes and publishes while the others wait, then read its entry. With ``collective=True``
         (training: every rank must take part) all ranks run ``compute``; rank 0's output is published and
         the others' is discarded.
+
+        ``work`` is a folder where ``compute`` keeps state that survives a failed attempt (checkpoints: a rerun
+        resumes from them). It is only worth keeping until the entry exists, so it is deleted once the entry is
+        published, or found valid while the folder is still there, by the process holding the key's lock
+        (never while another process computes into it). A failed ``compute`` leaves it in place.
         """
         dist = distributed.current()
         if dist.enabled:
             return self._get_or_compute_distributed(stage, spec, compute, version=version, collective=collective,
-                                                    dist=dist)
-        return self._get_or_compute(stage, spec, compute, version=version)
+                                                    dist=dist, work=work)
+        return self._get_or_compute(stage, spec, compute, version=version, work=work)
 
     def _get_or_compute_distributed(self, stage: str, spec: Mapping[str, Any], compute: Callable[[Path], None],
-                                    *, version: str, collective: bool, dist: distributed.Distributed
-                                    ) -> CacheResult:
+                                    *, version: str, collective: bool, dist: distributed.Distributed,
+                                    work: Path | None = None) -> CacheResult:
         key = self.key(stage, spec, version=version)
         entry = self._entry(stage, key)
         if collective:
             dist.barrier()  # nobody publishes between here and the check, so every rank decides alike
             if self._problem(entry, key) is None:
+                if dist.is_main and work is not None and work.exists():
+                    self._drop_work(stage, key, work)
                 return self._hit(stage, key, entry)
             ran: list[bool] = []
 
@@ -386,7 +400,7 @@ class ArtifactStore:
                     _remove(scratch)
 
             if dist.is_main:
-                result = self._get_or_compute(stage, spec, counted, version=version)
+                result = self._get_or_compute(stage, spec, counted, version=version, work=work)
                 if not ran:  # another job published it meanwhile; the other ranks still need their partner
                     discarded()
             else:
@@ -406,13 +420,15 @@ class ArtifactStore:
         return self._hit(stage, key, entry)
 
     def _get_or_compute(self, stage: str, spec: Mapping[str, Any], compute: Callable[[Path], None], *,
-                        version: str) -> CacheResult:
+                        version: str, work: Path | None = None) -> CacheResult:
         key = self.key(stage, spec, version=version)
         entry = self._entry(stage, key)
+        leftover = work is not None and work.exists()
 
         # Lock-free fast path: published entries are immutable and only a lock holder removes one, so a
-        # valid entry seen here stays valid. Anything else is re-examined under the lock.
-        if self._problem(entry, key) is None:
+        # valid entry seen here stays valid. Anything else (a leftover work folder included: deleting it
+        # needs the lock) is re-examined under the lock.
+        if not leftover and self._problem(entry, key) is None:
             return self._hit(stage, key, entry)
 
         stage_dir = self._stage_dir(stage)
@@ -422,6 +438,8 @@ class ArtifactStore:
             # Another process may have published (or found corrupt) the entry while we waited.
             problem = self._problem(entry, key)
             if problem is None:
+                if work is not None:
+                    _remove(work)  # left by a run killed between publishing and deleting it
                 return self._hit(stage, key, entry)
             if problem != _MISSING:
                 self._log.warning(
@@ -430,6 +448,9 @@ class ArtifactStore:
                 self._discard(stage_dir, key, entry)
             self._clean_orphans(stage_dir, key)
             seconds = self._compute_and_publish(stage, key, spec, version, compute, stage_dir, entry)
+            if work is not None:
+                # After the publishing rename: a kill before it leaves the checkpoints to resume from.
+                _remove(work)
 
         self._log.info("cache miss %s %s (computed in %.2fs)", stage, key[:12], seconds)
         return self._record(CacheResult(path=entry, key=key, hit=False, stage=stage))
@@ -439,6 +460,13 @@ class ArtifactStore:
     def _hit(self, stage: str, key: str, entry: Path) -> CacheResult:
         self._log.info("cache hit  %s %s", stage, key[:12])
         return self._record(CacheResult(path=entry, key=key, hit=True, stage=stage))
+
+    def _drop_work(self, stage: str, key: str, work: Path) -> None:
+        """Delete a leftover work folder of a published entry, under the key's lock (see ``get_or_compute``)."""
+        lock_path = self._stage_dir(stage) / ".locks" / f"{key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_path)):
+            _remove(work)
 
     def _record(self, result: CacheResult) -> CacheResult:
         self._events.append(result)

@@ -15,21 +15,26 @@ Objectives (``algorithm.objective`` chooses for stage 2; DPO baselines and PeCAN
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from alignment import distributed, engines
+from alignment.compute import ComputeMeter
 from alignment.config import TrainerConfig
 from alignment.losses import listwise_loss, listwise_metrics, preference_metrics, pseudo_preference_loss
+from alignment.store import atomic_write_json, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +104,7 @@ def train_items(
     log: Callable[[dict[str, Any], int], None] | None = None,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    meter: ComputeMeter | None = None,
 ) -> TrainResult:
     """Minimise the mean of ``objective`` over the items of ``pairs`` (tensors sharing a first dimension P,
     with "prompt"): pairs or lists, see the module docstring.
@@ -117,6 +123,13 @@ def train_items(
     data order are saved every ``checkpoint_every`` steps (atomically, by rank 0); a rerun with the same
     arguments resumes from the last checkpoint and ends with the same weights as an uninterrupted run. (Single
     process and DDP only: FSDP and ZeRO shard the optimiser state, and train without checkpoints.)
+
+    A checkpoint also holds the loss history, the last step's loss and, with ``meter`` (the meter the
+    objective counts its work in), the compute the training had spent: a resumed run adds it to ``meter``, so
+    it reports the same ``compute/*`` and final loss as an uninterrupted one, even when it resumes at its last
+    step and trains nothing. Each checkpoint has a checksum; the last two are kept, and one that fails its
+    checksum or does not load is skipped with a warning naming it, for the one before or a fresh start
+    (see ``_load_checkpoint``).
     """
     n_pairs = int(pairs["prompt"].shape[0])
     if n_pairs == 0:
@@ -142,10 +155,21 @@ def train_items(
     generator = torch.Generator().manual_seed(seed)
     history: list[dict[str, float]] = []
     step, loss_value = 0, float("nan")
-    resume = _load_checkpoint(checkpoint_dir, engine.trainee, engine.optimizer, scheduler)
+    # Compute counts are taken from here on; a resumed run also carries what was spent before its checkpoint.
+    counted_from = meter.snapshot() if meter is not None else None
+    resume = _load_checkpoint(checkpoint_dir, engine.trainee)
     if resume is not None:
-        step, history = resume["step"], resume["history"]
+        engine.trainee.load_state_dict(resume["policy"], strict=False)  # keys checked by _load_checkpoint
+        engine.optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
+        step, history, loss_value = resume["step"], resume["history"], resume["loss"]
+        if dist.is_main:
+            _set_global_rng(resume["rng"])
+        if meter is not None and dist.is_main:
+            # The saved counts are every rank's together (see _spent), so one rank adds them: summing the
+            # ranks' counts afterwards (LanguageStages._count_all_ranks) then counts them once.
+            meter.add(**resume["compute"])
     model = engine.model
     model.train()
     # disable=None: bars on a terminal, silent in logs and CI; one bar per launch, on rank 0.
@@ -188,11 +212,16 @@ def train_items(
                     log(row, step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if (checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
-                    and dist.is_main):
-                # At an epoch's end the generator already holds the next epoch's starting state.
-                state = generator.get_state() if step % steps_per_epoch == 0 else epoch_state
-                _save_checkpoint(checkpoint_dir, policy, engine.optimizer, scheduler, step, history, state)
+            if checkpoint_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                spent = _spent(meter, counted_from, dist)  # collective: every rank, before rank 0 writes
+                if dist.is_main:
+                    # At an epoch's end the generator already holds the next epoch's starting state.
+                    state = generator.get_state() if step % steps_per_epoch == 0 else epoch_state
+                    _save_checkpoint(checkpoint_dir, {
+                        "format": CHECKPOINT_FORMAT, "step": step, "loss": loss_value, "history": history,
+                        "compute": spent, "generator": state, "rng": _global_rng(),
+                        "policy": _trainable_state(policy),
+                        "optimizer": engine.optimizer.state_dict(), "scheduler": scheduler.state_dict()})
     bar.close()
     del model
     engine.finish()
@@ -205,28 +234,153 @@ def _trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in policy.state_dict().items() if k in names}
 
 
-def _save_checkpoint(directory: Path, policy: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     step: int, history: list, epoch_generator_state: torch.Tensor) -> None:
-    """Atomically replace ``checkpoint.pt``: a crash mid-write leaves the previous checkpoint intact.
+def _spent(meter: ComputeMeter | None, start: dict[str, int] | None,
+           dist: distributed.Distributed) -> dict[str, int]:
+    """The compute this training has spent so far, over every rank (what a resume from here must carry).
+
+    Each rank counts its own share of the batches, so the counts are summed over ranks; a collective, called
+    by every rank at every checkpoint.
+    """
+    if meter is None or start is None:
+        return {}
+    spent = meter.since(start)
+    names = list(spent)
+    return {name: round(total) for name, total in zip(names, dist.sum([float(spent[n]) for n in names]))}
+
+
+# Checkpoints of one training live in one folder: ``step-<step>.pt`` (torch.save of tensors and plain
+# containers only) and, written after it, ``step-<step>.pt.json`` with its size and sha256. A file is never
+# rewritten once its manifest exists, so a kill at any point leaves every older verified checkpoint intact.
+CHECKPOINT_FORMAT = 1
+_KEEP_CHECKPOINTS = 2  # the newest and its predecessor, to fall back to if the newest is damaged
+_LEGACY_CHECKPOINT = "checkpoint.pt"  # one unchecked pickle, written before checkpoints had checksums
+_STATE_KEYS = frozenset({"format", "step", "loss", "history", "compute", "generator", "rng", "policy",
+                         "optimizer", "scheduler"})
+
+
+def _global_rng() -> dict[str, Any]:
+    """torch's global generators (CPU, and every GPU's once CUDA is in use), as tensors.
+
+    The data order has its own generator; these drive what else is random inside a step (LoRA dropout), so a
+    resumed single-process run draws what the uninterrupted one would have. (Under DDP only rank 0's are saved
+    and restored: the other ranks' dropout after a resume differs.)
+    """
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_global_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    # A resume on a machine with other GPUs than the run that saved keeps its own GPU generators.
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoint_path(directory: Path, step: int) -> Path:
+    # Zero-padded so that names sort by step.
+    return directory / f"step-{step:08d}.pt"
+
+
+def _manifest_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + ".json")
+
+
+def _plain(obj: Any, where: str = "checkpoint") -> Any:
+    """``obj`` reduced to what ``torch.load(weights_only=True)`` accepts: tensors, numbers, strings, None and
+    lists, tuples and dicts of them. Anything else is refused here, at save time, rather than found
+    unloadable when a killed run tries to resume."""
+    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(f"{where}: a {type(obj).__qualname__} cannot be checkpointed (checkpoints load with "
+                    "weights_only=True: tensors and plain containers only)")
+
+
+def _save_checkpoint(directory: Path, state: dict[str, Any]) -> None:
+    """Write the checkpoint of ``state["step"]`` with its checksum, then drop all but the newest two.
 
     The generator state saved is the one at the start of the current epoch, so a resume redraws the same
     permutation and skips the batches already done.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "checkpoint.pt.tmp"
-    torch.save({"step": step, "history": history, "generator": epoch_generator_state,
-                "policy": _trainable_state(policy), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, tmp)
-    os.replace(tmp, directory / "checkpoint.pt")
+    path = _checkpoint_path(directory, state["step"])
+    tmp = directory / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        torch.save(_plain(state), tmp)
+        # Hashing what reached the disk (and syncing it) before the rename: the manifest vouches for the bytes
+        # a resume will read.
+        digest, size = sha256_file(tmp, sync=True), tmp.stat().st_size
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_write_json(_manifest_path(path), {"format": CHECKPOINT_FORMAT, "file": path.name,
+                                             "step": state["step"], "size": size, "sha256": digest})
+    _prune_checkpoints(directory)
 
 
-def _load_checkpoint(directory: Path | None, policy: nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any) -> dict[str, Any] | None:
-    path = None if directory is None else directory / "checkpoint.pt"
-    if path is None or not path.exists():
-        return None
-    state = torch.load(path, weights_only=False)
-    policy.load_state_dict(state["policy"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+def _prune_checkpoints(directory: Path) -> None:
+    """Keep the newest ``_KEEP_CHECKPOINTS`` checkpoints; delete older ones, files without a manifest (a save
+    killed half-way), temporary files and a legacy ``checkpoint.pt``."""
+    manifests = sorted(directory.glob("step-*.pt.json"))
+    keep = {m.name for m in manifests[-_KEEP_CHECKPOINTS:]}
+    keep |= {m.name.removesuffix(".json") for m in manifests[-_KEEP_CHECKPOINTS:]}
+    for old in manifests[:-_KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)  # the manifest first: a checkpoint without one is never loaded
+    for path in [*directory.glob("step-*.pt"), *directory.glob(".step-*.tmp"), directory / _LEGACY_CHECKPOINT]:
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _read_checkpoint(manifest: Path, trainable: set[str]) -> dict[str, Any]:
+    """The state of the checkpoint ``manifest`` describes, verified; raises if it is damaged or foreign.
+
+    ``weights_only=True``: the cache may be shared, and a pickle can run code when loaded; a checkpoint is
+    tensors and plain containers only (``_plain``), which that loader accepts.
+    """
+    meta = json.loads(manifest.read_text(encoding="utf-8"))
+    path = manifest.with_suffix("")  # step-N.pt, beside its manifest step-N.pt.json
+    if not isinstance(meta, dict) or meta.get("file") != path.name or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"its manifest {manifest.name} does not describe it")
+    size = path.stat().st_size
+    if size != meta["size"]:
+        raise ValueError(f"{size} bytes, {meta['size']} written (truncated?)")
+    if sha256_file(path) != meta["sha256"]:
+        raise ValueError("checksum mismatch")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or set(state) != _STATE_KEYS or state["step"] != meta["step"]:
+        raise ValueError("not a checkpoint of this format")
+    # strict=False loading ignores unknown names, so check them here, before anything is applied.
+    if set(state["policy"]) != trainable:
+        raise ValueError("its weights are not this model's trainable parameters")
+    known = set(ComputeMeter().snapshot())
+    state["compute"] = {k: int(v) for k, v in state["compute"].items() if k in known}
     return state
+
+
+def _load_checkpoint(directory: Path | None, policy: nn.Module) -> dict[str, Any] | None:
+    """The newest usable checkpoint's state, or ``None`` for a fresh start.
+
+    A damaged checkpoint (truncated, altered, unreadable, refused by the weights-only loader) is skipped with
+    a warning naming it, and the one before it tried: one bad file must not block every rerun.
+    """
+    if directory is None or not directory.is_dir():
+        return None
+    if (directory / _LEGACY_CHECKPOINT).exists():
+        logger.warning("%s: a checkpoint without a checksum, from an older version; not loaded (the training "
+                       "restarts or resumes from a newer checkpoint)", directory / _LEGACY_CHECKPOINT)
+    trainable = set(_trainable_state(policy))
+    manifests = sorted(directory.glob("step-*.pt.json"), reverse=True)  # newest first
+    for i, manifest in enumerate(manifests):
+        path = manifest.with_suffix("")
+        try:
+            return _read_checkpoint(manifest, trainable)
+        except Exception as e:  # whatever a damaged file raises (zip, pickle, json, OS...): skip it
+            fallback = "falling back to the previous one" if i + 1 < len(manifests) else "training from the start"
+            logger.warning("checkpoint %s is unusable (%s: %s); %s", path, type(e).__name__, e, fallback)
+    return None
