@@ -155,6 +155,18 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _share_as_umask_allows(root: Path) -> None:
+    """Give every file and folder under ``root`` the permissions the umask allows (0o666 / 0o777 minus it).
+    Writers such as safetensors create files 0600, which on a cache shared by a group would make the entry
+    unreadable to everyone but its author; the umask is the user's statement of what to share."""
+    mask = os.umask(0)
+    os.umask(mask)  # reading the umask means setting it; put it back at once
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def sha256_file(path: Path, *, sync: bool = False) -> str:
     """sha256 hex digest of a file, read in chunks (``sync``: fsync it too, as a publisher needs)."""
     h = hashlib.sha256()
@@ -513,6 +525,7 @@ class ArtifactStore:
             t0 = time.perf_counter()
             compute(tmp)
             seconds = time.perf_counter() - t0
+            _share_as_umask_allows(tmp)
             if (tmp / MANIFEST_NAME).exists():
                 raise ValueError(
                     f"compute for stage {stage!r} wrote {MANIFEST_NAME!r}, a name the store reserves"

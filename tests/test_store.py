@@ -216,6 +216,26 @@ def test_new_store_instance_hits_existing_entry(tmp_path: Path) -> None:
     assert again.hit and compute.calls == 0
 
 
+def test_entries_are_as_readable_as_the_umask_allows(tmp_path: Path) -> None:
+    """safetensors writes 0600 files; a shared cache's entries take the umask's permissions instead."""
+    import torch
+    from safetensors.torch import save_file
+
+    def compute(d: Path) -> None:
+        save_file({"w": torch.zeros(2)}, str(d / "adapter.safetensors"))
+        (d / "sub").mkdir(mode=0o700)
+        (d / "sub" / "x.bin").write_bytes(b"x")
+        os.chmod(d / "sub" / "x.bin", 0o600)
+
+    old = os.umask(0o022)
+    try:
+        entry = ArtifactStore(tmp_path).get_or_compute("adapter", SPEC, compute, version="v1").path
+    finally:
+        os.umask(old)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in [entry, *entry.rglob("*")] if p.name != "manifest.json"
+            } == {entry.name: "0o755", "adapter.safetensors": "0o644", "sub": "0o755", "x.bin": "0o644"}
+
+
 def test_different_version_recomputes(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     compute = Counter()
