@@ -98,6 +98,14 @@ class ScorerSpec:
     batch_size: int = 16
     dtype: str = "float32"
     device: str = "cpu"
+    # Score as the model was trained: append the score tokenizer's EOS id to the token ids of responses whose
+    # generation stopped at EOS (never to responses cut at max_new_tokens, nor by adding the EOS string to the
+    # text). None = the scorer's own convention (alignment.scorers.resolve_append_eos): on for safe-rlhf
+    # LlamaForScore checkpoints (Beaver), which were trained on prompt + answer + eos; off for other
+    # kind "model" checkpoints, for the gold scorers and for the learned MiniLM heads, which read plain text
+    # (the heads were fitted here on label texts without any EOS). True is for kind "model" only. When on,
+    # the scores' cache key holds it, so caches of scorers without it stay valid.
+    append_eos: bool | None = None
 
     def __post_init__(self) -> None:
         if self.direction not in (1, -1):
@@ -106,6 +114,13 @@ class ScorerSpec:
             raise ValueError(f"scorer kind for {self.name!r}: 'gold', 'model' or 'learned', got {self.kind!r}")
         if self.kind == "model" and not self.path:
             raise ValueError(f"scorer {self.name!r}: kind 'model' needs a path (hub id or local folder)")
+        if self.append_eos is not None and not isinstance(self.append_eos, bool):
+            raise ValueError(f"scorer {self.name!r}: append_eos is true, false or null (the scorer's own "
+                             f"convention), got {self.append_eos!r}")
+        if self.append_eos and self.kind != "model":
+            raise ValueError(f"scorer {self.name!r}: append_eos=true needs kind 'model' (a tokenizer's EOS id is "
+                             f"appended to the token ids); kind {self.kind!r} scores plain text, set it to false "
+                             "or leave it unset")
 
 
 @dataclass

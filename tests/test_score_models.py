@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -389,3 +390,83 @@ def test_bias_tensor_against_a_false_bias_flag_is_rejected(tmp_path: Path) -> No
     )
     with pytest.raises(ScoreLoadingError, match=r"unexpected keys: score_head\.bias"):
         load_score_model(str(directory))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 16 point 2: score as safe-rlhf trained (prompt + answer + eos), EOS only on responses that ended.
+
+
+def test_eos_appended_to_ended_responses_only(beaver_dir: Path, beaver) -> None:
+    """Per-text ``append_eos``: an ended response is scored at an appended EOS id (the direct computation on
+    ids + [eos]), a truncated one as without it; all ``False`` reproduces the old scores bit for bit."""
+    model, tokenizer = beaver
+    state = load_file(str(beaver_dir / "model.safetensors"))
+    eos = tokenizer.eos_token_id
+    texts, ended = TEXTS[:4], [True, False, True, False]
+    seqs = [tokenizer(t)["input_ids"] for t in texts]
+    assert all(ids[-1] != eos for ids in seqs)  # the EOS comes from the flag, not from the text
+    with_eos = _direct_end_scores(state, [ids + [eos] for ids in seqs])
+    old = score_texts(model, tokenizer, texts, batch_size=4)
+
+    scores = score_texts(model, tokenizer, texts, batch_size=4, append_eos=ended)  # one padded batch
+    torch.testing.assert_close(scores[[0, 2]], with_eos[[0, 2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores[[1, 3]], old[[1, 3]], rtol=1e-5, atol=1e-5)  # truncated: no EOS
+    assert (with_eos - old).abs().min() > 1e-3  # so reading the EOS position is what the ended ones do
+    torch.testing.assert_close(score_texts(model, tokenizer, texts, batch_size=4, append_eos=True), with_eos,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(score_texts(model, tokenizer, texts, batch_size=4, append_eos=[False] * 4), old,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one per text"):
+        score_texts(model, tokenizer, texts, append_eos=[True])
+
+
+def test_scorer_append_eos_setting_and_cache_identity(beaver_dir: Path, beaver, tmp_path: Path) -> None:
+    """ScorerSpec.append_eos: unset means on for a safe-rlhf checkpoint (which then needs ``ended``), off for
+    other checkpoints, gold and learned scorers; only an 'on' scorer's cache identity changes."""
+    from alignment.config import ScorerSpec
+    from alignment.scorers import build_scorer, resolve_append_eos, scorer_identity
+
+    model, tokenizer = beaver
+    template = "{prompt} {response}"
+    prompts, responses = ["hello", "how", "the quick"], ["world", "are you", "brown fox jumps"]
+    texts = [template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+    ended = [True, False, True]
+
+    spec = ScorerSpec(name="rm", kind="model", path=str(beaver_dir), template=template, direction=-1)
+    scorer = build_scorer(spec)
+    assert spec.append_eos is None and resolve_append_eos(spec) and scorer.append_eos
+    with pytest.raises(ValueError, match="ended"):
+        scorer(prompts, responses)
+    np.testing.assert_allclose(
+        scorer(prompts, responses, ended=np.array(ended)),
+        -score_texts(model, tokenizer, texts, append_eos=ended).double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(scorer(prompts, responses, ended=True),  # one flag for all (complete responses)
+                               scorer(prompts, responses, ended=[True] * 3), rtol=0, atol=0)
+
+    off = ScorerSpec(name="rm", kind="model", path=str(beaver_dir), template=template, direction=-1,
+                     append_eos=False)
+    old = -score_texts(model, tokenizer, texts).double().numpy()
+    plain = build_scorer(off)
+    assert not plain.append_eos
+    np.testing.assert_array_equal(plain(prompts, responses), old)  # the old scores, exactly
+    np.testing.assert_array_equal(plain(prompts, responses, ended=ended), old)  # ended ignored
+
+    # Cache identity: the old dict unless append_eos is on.
+    assert scorer_identity(spec) == {**scorer_identity(off), "append_eos": True}
+    assert "append_eos" not in scorer_identity(off)
+    assert scorer_identity(ScorerSpec(name="toy/safety")) == {
+        "name": "toy/safety", "direction": 1, "kind": "gold", "path": None, "template": None, "dtype": "float32"}
+    learned = ScorerSpec(name="minilm/safety", kind="learned")
+    assert not resolve_append_eos(learned) and "append_eos" not in scorer_identity(learned)
+
+    # Any other single-label checkpoint keeps its text as is unless told otherwise.
+    LlamaConfig(**BACKBONE, num_labels=1, architectures=["LlamaForSequenceClassification"]).save_pretrained(tmp_path)
+    other = ScorerSpec(name="rm", kind="model", path=str(tmp_path))
+    assert not resolve_append_eos(other) and "append_eos" not in scorer_identity(other)
+    assert resolve_append_eos(ScorerSpec(name="rm", kind="model", path=str(tmp_path), append_eos=True))
+
+    for kind in ("gold", "learned"):
+        with pytest.raises(ValueError, match="append_eos=true needs kind 'model'"):
+            ScorerSpec(name="minilm/safety", kind=kind, append_eos=True)
+    with pytest.raises(ValueError, match="append_eos is true, false or null"):
+        ScorerSpec(name="rm", kind="model", path="p", append_eos="yes")
