@@ -27,7 +27,7 @@ from alignment.dual import dual_path, dual_terms
 from alignment.fit import fit_diagnostics
 from alignment.provenance import run_info, seed_everything
 from alignment.stages import build_stages, percentile_interval
-from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json
+from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json, atomic_write_text
 from alignment.threads import set_threads
 from alignment.tracking import MultiTracker, make_tracker
 
@@ -218,6 +218,18 @@ def check_cache_dir(cache_dir: str | Path) -> Path:
     return root
 
 
+def job_run_id(run_dir: Path) -> str:
+    """The W&B run id of the job in ``run_dir``, made on its first attempt and kept in ``run_dir/wandb_run_id``:
+    a rerun in the same folder (a sweep relaunched after a failure or a kill) resumes that W&B run instead of
+    adding a second one, and its steps continue after the first attempt's (alignment.tracking.make_tracker)."""
+    path = run_dir / "wandb_run_id"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    run_id = uuid.uuid4().hex[:16]
+    atomic_write_text(path, run_id)
+    return run_id
+
+
 def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None, group: str | None = None,
                    progress: bool = True, processes_at_once: int = 1) -> dict[str, Any]:
     """Align the configured policy with the configured algorithm; write and return the summary.
@@ -243,8 +255,9 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     info["distributed"] = {"world_size": dist.world_size, "rank": dist.rank}
     info["threads"] = n_threads
     atomic_write_json(run_dir / "run_info.json", info)
-    tracker = make_tracker(cfg.tracker.kind if dist.is_main else "none", run_dir,
-                           **tracker_settings(cfg, run_dir, resolved, group))
+    kind = cfg.tracker.kind if dist.is_main else "none"
+    tracker = make_tracker(kind, run_dir, **tracker_settings(cfg, run_dir, resolved, group),
+                           **({"run_id": job_run_id(run_dir)} if kind == "wandb" else {}))
     store = ArtifactStore(cfg.cache_dir)
     times: dict[str, float] = {}
     margins = np.asarray(cfg.safety.margins)

@@ -53,6 +53,18 @@ class LocalTracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
+    def last_step(self) -> int:
+        """The largest step an earlier attempt in this folder logged (0 if none): a rerun continues after it."""
+        steps = [0]
+        for line in (self.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                step = json.loads(line).get("step")
+            except ValueError:  # a line cut short by a kill
+                continue
+            if isinstance(step, int):
+                steps.append(step)
+        return max(steps)
+
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(row) + "\n")
@@ -179,12 +191,18 @@ class MultiTracker:
 
 def make_tracker(kind: str, run_dir: str | Path, **wandb_kwargs: Any) -> MultiTracker:
     """``kind``: "wandb" (local + W&B) or "none" (local files only)."""
-    trackers: list[Tracker] = [LocalTracker(run_dir)]
+    local = LocalTracker(run_dir)
+    trackers: list[Tracker] = [local]
     if kind == "wandb":
         trackers.append(WandbTracker(run_dir, **wandb_kwargs))
     elif kind != "none":
         raise ValueError(f"tracker.kind: 'wandb' or 'none', got {kind!r}")
-    return MultiTracker(trackers)
+    multi = MultiTracker(trackers)
+    # A rerun in a folder that holds an earlier attempt (its W&B run resumed by id) logs after that attempt's
+    # steps: W&B drops rows whose step goes backwards.
+    previous = local.last_step()
+    multi.last_step = previous + 1 if previous else 0
+    return multi
 
 
 def _slug(name: str) -> str:

@@ -301,3 +301,21 @@ def test_report_says_when_lambda_interval_leaves_out_infeasible_resamples(tmp_pa
     near = {**summary, "dual/bootstrap_infeasible_fraction": 0.35}
     (line,) = [x for x in format_report(near).splitlines() if x.startswith("lambda*")]
     assert "CI" in line and "over the feasible resamples: 35% of the dual's bootstrap resamples" in line
+
+
+def test_a_rerun_in_the_same_folder_resumes_its_wandb_run(tmp_path, monkeypatch):
+    """A job that failed and is rerun in its folder (a sweep relaunched in place) stays one W&B run: the same
+    id, resumed, its steps after the first attempt's, ending with the rerun's exit code."""
+    from alignment.wandb_offline import find_offline_runs, read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    failing = replace(tabular_config(tmp_path, margin=50.0), tracker=TrackerConfig(kind="wandb"))
+    with pytest.raises(InfeasibleMarginError):
+        run_experiment(failing, progress=False)
+    run_experiment(replace(failing, safety=SafetyConfig(margin=0.3)), progress=False)
+    first, second = (read_offline_run(p) for p in find_offline_runs(tmp_path / "run"))
+    assert first.run_id == second.run_id == (tmp_path / "run" / "wandb_run_id").read_text()
+    assert (first.exit_code, second.exit_code) == (1, 0)
+    steps = lambda run: [row["_step"] for row in run.history if "_step" in row]  # noqa: E731
+    assert min(steps(second)) > max(steps(first))
