@@ -121,7 +121,8 @@ class AlignmentContext:
                                    pairs_per_prompt=cfg.pairs_per_prompt, labels=cfg.labels,
                                    generator=self.generator, all_pairs=cfg.objective == "all_pairs")
             policy, info = self.world.train(items, beta=cfg.beta, log=self.tracker.phase(phase),
-                                            progress=self.progress, objective=cfg.objective)
+                                            progress=self.progress, objective=cfg.objective,
+                                            anchor=cfg.mass_anchor)
         # train/pairs: the items trained on (pairs, or one list per prompt for the listwise objective)
         return policy, {**info, "train/pairs": int(items["prompt"].shape[0])}
 

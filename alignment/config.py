@@ -364,6 +364,9 @@ class AlgorithmConfig:
     # sampled pairs, soft/sampled labels), all_pairs (every distinct pair of a prompt's K samples) or listwise
     # (cross-entropy between softmax(r_λ/β) and softmax(ρ) over each prompt's K samples)
     objective: str = "pairwise"
+    # listwise only: weight η of η·(log Σ_k e^{ρ_k}/K)², the policy's log-probability mass on each prompt's
+    # samples relative to π_ref's (fit/log_mass), which the cross-entropy does not see; 0 = off (docs/stage2.md)
+    mass_anchor: float = 0.0
     dual: DualConfig = field(default_factory=DualConfig)
     lam: Any = None  # fixed_lambda: λ (a float for every constraint, or one per constraint)
     preference: str = "helpful"  # dpo: helpful (DPO_H) | safe (DPO_S, first safety score)
@@ -386,6 +389,11 @@ class AlgorithmConfig:
         if self.objective != "pairwise" and self.pair_source == "dataset":
             raise ValueError(f"algorithm.objective={self.objective} needs π_ref's samples; set "
                              "algorithm.pair_source=samples (a preference dataset gives one pair per prompt)")
+        if not self.mass_anchor >= 0:
+            raise ValueError(f"algorithm.mass_anchor: a weight >= 0 (0 = off), got {self.mass_anchor}")
+        if self.mass_anchor and self.objective != "listwise":
+            raise ValueError(f"algorithm.mass_anchor={self.mass_anchor} applies to algorithm.objective=listwise only, "
+                             f"got objective={self.objective}; set algorithm.mass_anchor=0 or objective=listwise")
         if self.preference not in ("helpful", "safe"):
             raise ValueError(f"algorithm.preference: 'helpful' or 'safe', got {self.preference!r}")
         for name in ("beta_helpful", "beta_safe"):

@@ -38,8 +38,8 @@ def pseudo_preference_loss(logratio_1: torch.Tensor, logratio_0: torch.Tensor, l
     return -(label * F.logsigmoid(h) + (1 - label) * F.logsigmoid(-h))
 
 
-def listwise_loss(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+def listwise_loss(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None,
+                  anchor: float = 0.0) -> torch.Tensor:
     """Cross-entropy from the target's weights to the policy's over each prompt's K responses, shape [B].
 
         q = softmax(b + t),   p = softmax(b + ρ),   loss = -Σ_k q_k log p_k
@@ -49,11 +49,19 @@ def listwise_loss(logratio: torch.Tensor, target: torch.Tensor, base_logweight: 
     on the responses' support: the dual's π_λ, reached with every response used once per pass. The loss minus
     the entropy of q is KL(q ‖ p) (``listwise_metrics``).
 
+    The cross-entropy sees ρ only up to a constant per prompt, so it is indifferent to the policy moving
+    probability between the sampled responses and ones it never saw. ``anchor`` = η > 0 adds η m²,
+    m = log Σ_k softmax(b)_k e^{ρ_k} (the importance-sampling estimate of log π_θ(S)/π_ref(S) for the region S
+    the samples stand for; alignment.fit's ``log_mass``), which fixes that constant at m = 0 without changing
+    the minimiser's relative weights. On an exact list m = log Σ_y π_θ(y) = 0 whatever π_θ: no effect there.
     """
     base = torch.zeros_like(target) if base_logweight is None else base_logweight
     log_q = torch.log_softmax(base + target, dim=-1)
-    log_p = torch.log_softmax(base.to(logratio.dtype) + logratio, dim=-1)
-    return -(log_q.exp() * log_p).sum(dim=-1)
+    base = base.to(logratio.dtype)
+    loss = -(log_q.exp() * torch.log_softmax(base + logratio, dim=-1)).sum(dim=-1)
+    if anchor:
+        loss = loss + anchor * torch.logsumexp(torch.log_softmax(base, dim=-1) + logratio, dim=-1).square()
+    return loss
 
 
 def target_entropy(target: torch.Tensor, base_logweight: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,14 +71,13 @@ def target_entropy(target: torch.Tensor, base_logweight: torch.Tensor | None = N
     return -(log_q.exp() * log_q).sum(dim=-1)
 
 
-def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None,
-                     losses: torch.Tensor | None = None) -> dict[str, float]:
-    """Means over the batch of KL(q ‖ p) = loss - H(q) between the target's and the policy's weights (0 at the
-    target; ``losses``: the batch's listwise losses when already computed) and of the log-mass
+def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None
+                     ) -> dict[str, float]:
+    """Means over the batch of KL(q ‖ p) = cross-entropy - H(q) between the target's and the policy's weights (0
+    at the target) and of the log-mass
     log Σ_k softmax(b)_k e^{ρ_k}, which the loss does not see (alignment.fit's ``log_mass``)."""
     rho = logratio.detach()
-    if losses is None:
-        losses = listwise_loss(rho, target, base_logweight)
+    losses = listwise_loss(rho, target, base_logweight)  # the cross-entropy alone, whatever the anchor
     base = torch.zeros_like(rho) if base_logweight is None else base_logweight.to(rho.dtype)
     mass = torch.logsumexp(torch.log_softmax(base, dim=-1) + rho, dim=-1)
     return {"kl_to_target": float((losses.detach() - target_entropy(target, base_logweight)).mean()),

@@ -96,10 +96,12 @@ def _items_digest(items: dict[str, torch.Tensor]) -> str:
                     [round(float(v), 12) for v in items["label"]]])
 
 
-def _objective(name: str, rho: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor], beta: float) -> Objective:
-    """The training objective ``name`` from a world's log-ratio function ρ(policy, batch) -> [B, J]."""
+def _objective(name: str, rho: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor], beta: float,
+               anchor: float = 0.0) -> Objective:
+    """The training objective ``name`` from a world's log-ratio function ρ(policy, batch) -> [B, J]; ``anchor``:
+    the listwise objective's log-mass weight (alignment.losses.listwise_loss)."""
     if name == "listwise":
-        return listwise(rho)
+        return listwise(rho, anchor)
 
     def pair_logratios(policy: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         both = rho(policy, batch)
@@ -162,13 +164,13 @@ class TabularStages:
     def dataset_pairs(self, lam: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise ValueError("algorithm.pair_source=dataset: the tabular world has no preference dataset")
 
-    def _objective(self, objective: str, beta: float) -> Objective:
+    def _objective(self, objective: str, beta: float, anchor: float) -> Objective:
         def rho(policy: TabularPolicy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             ys, x = response_ids(batch), batch["prompt"]
             self.compute.add(forward_tokens=ys.numel(), backward_tokens=ys.numel() if torch.is_grad_enabled() else 0)
             return policy.log_prob(x, ys) - policy.ref_log_prob(x, ys)
 
-        return _objective(objective, rho, beta)
+        return _objective(objective, rho, beta, anchor)
 
     def trained(self, spec: dict[str, Any], run: Any) -> tuple[TabularPolicy, dict[str, Any]]:
         """A policy trained from π_ref by ``run(policy, work_dir) -> info``; tables train in seconds, so uncached."""
@@ -178,10 +180,10 @@ class TabularStages:
         return policy, {**info, "train/cached": False}
 
     def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool,
-              objective: str = "pairwise") -> tuple[TabularPolicy, dict[str, Any]]:
+              objective: str = "pairwise", anchor: float = 0.0) -> tuple[TabularPolicy, dict[str, Any]]:
         """The one stage-2 loop on labelled pairs (or lists), from π_ref, with coefficient ``beta``."""
         def run(policy: TabularPolicy, work: Path | None) -> dict[str, Any]:
-            result = train_items(policy, pairs, self._objective(objective, beta), cfg=self.cfg.trainer,
+            result = train_items(policy, pairs, self._objective(objective, beta, anchor), cfg=self.cfg.trainer,
                                  seed=self.cfg.seed, log=log, progress=progress)
             self.compute.add(training_runs=1)
             return {"train/final_loss": result.final_loss, "train/steps": result.steps}
@@ -635,7 +637,7 @@ class LanguageStages:
     def has_preference_data(self) -> bool:
         return hasattr(self, "records")
 
-    def _objective(self, pairs: dict[str, torch.Tensor], objective: str, beta: float) -> Objective:
+    def _objective(self, pairs: dict[str, torch.Tensor], objective: str, beta: float, anchor: float) -> Objective:
         """The training loop's objective; π_ref log-probabilities of every response in ``pairs`` (pairs or
         lists) come from the cache (computed once, adapter disabled)."""
         from alignment.policies import encode_pairs, token_logprob_sum
@@ -668,7 +670,7 @@ class LanguageStages:
             logp = token_logprob_sum(model, enc)  # one forward for every response of every item
             return (logp.double() - ref[ids].to(logp.device)).reshape(j, b).T
 
-        return _objective(objective, rho, beta)
+        return _objective(objective, rho, beta, anchor)
 
     ADAPTER_VERSION = "3"  # 2: one adapter stage for every training; 3: LoRA initialised from the run seed
 
@@ -718,7 +720,7 @@ class LanguageStages:
         self.compute.add(**{name: round(total) - spent[name] for name, total in zip(names, totals)})
 
     def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool,
-              objective: str = "pairwise") -> tuple[TrainedAdapter, dict[str, Any]]:
+              objective: str = "pairwise", anchor: float = 0.0) -> tuple[TrainedAdapter, dict[str, Any]]:
         """The one stage-2 loop with LoRA on labelled pairs (or lists), from π_ref, with coefficient ``beta``;
         the adapter is keyed by the texts, the items and their labels or targets, the objective, β, the trainer
         config and the seed, so reruns and sweeps reuse it."""
@@ -728,10 +730,11 @@ class LanguageStages:
                 "pairs": _items_digest(pairs),
                 "beta": beta, "trainer": asdict(cfg.trainer),
                 # (absent for pairs, so that adapters trained before the key existed stay valid)
-                **({"objective": objective} if objective != "pairwise" else {})}
+                **({"objective": objective} if objective != "pairwise" else {}),
+                **({"anchor": anchor} if anchor else {})}
 
         def run(model: nn.Module, work: Path) -> dict[str, Any]:
-            result = train_items(model, pairs, self._objective(pairs, objective, beta), cfg=cfg.trainer,
+            result = train_items(model, pairs, self._objective(pairs, objective, beta, anchor), cfg=cfg.trainer,
                                  seed=cfg.seed, log=log, progress=progress,
                                  checkpoint_dir=work if cfg.trainer.checkpoint_every else None,
                                  meter=self.compute)  # checkpoints carry the compute spent before them

@@ -56,14 +56,15 @@ def pairwise(logratios: LogRatios, beta: float) -> Objective:
     return objective
 
 
-def listwise(logratios: ListLogRatios) -> Objective:
-    """Cross-entropy to softmax(r_λ/β) over each prompt's responses (alignment.losses.listwise_loss)."""
+def listwise(logratios: ListLogRatios, anchor: float = 0.0) -> Objective:
+    """Cross-entropy to softmax(r_λ/β) over each prompt's responses, plus ``anchor`` times the squared log-mass
+    (alignment.losses.listwise_loss)."""
     def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         rho = logratios(model, batch)
         target = batch["target"].to(rho.device)
         base = batch["base"].to(rho.device) if "base" in batch else None
-        losses = listwise_loss(rho, target, base)
-        return losses, listwise_metrics(rho, target, base, losses=losses)
+        losses = listwise_loss(rho, target, base, anchor)
+        return losses, listwise_metrics(rho, target, base)
 
     return objective
 

@@ -84,6 +84,8 @@ def test_bad_overrides_fail_naming_the_key(override, message):
         (["safety.margin=[0.1,0.2]"], "safety.margin"),
         (["algorithm.objective=listwize"], "algorithm.objective"),
         (["algorithm.objective=listwise", "algorithm.pair_source=dataset"], "pair_source=samples"),
+        (["algorithm.mass_anchor=-1"], "algorithm.mass_anchor"),
+        (["algorithm.objective=pairwise", "algorithm.mass_anchor=1"], "objective=listwise"),
         (["threads=0"], "threads"),
         (["eval.insample_samples=-1"], "eval.insample_samples"),
         (["eval.level=95"], "eval.level"),

@@ -94,6 +94,43 @@ def test_listwise_log_mass_is_the_constant_the_loss_does_not_see():
     assert listwise_metrics(normalised, target, base)["log_mass"] == pytest.approx(0.0, abs=1e-15)
 
 
+def test_listwise_anchor_fixes_the_constant_and_only_the_constant():
+    """η m², m = log Σ_k w_k e^{ρ_k}: a hand value, its gradient, its minimiser ρ = t - log mean e^t (the
+    cross-entropy's minimisers are t + c; the anchor picks c), and no effect on an exact list, where m = 0."""
+    import math
+
+    from alignment.losses import listwise_loss
+
+    target = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    halved = torch.full_like(target, math.log(0.5))  # every ratio halved: m = log 1/2, the weights unchanged
+    plain = float(listwise_loss(halved, target))
+    assert float(listwise_loss(halved, target, anchor=2.0)) == pytest.approx(plain + 2.0 * math.log(2.0) ** 2,
+                                                                             rel=1e-12)
+    # d(η m²)/dρ_k = 2 η m softmax(ρ)_k: with ρ flat, 2·2·log(1/2)·1/2 added to p - q = (1/4, -1/4).
+    rho = halved.clone().requires_grad_(True)
+    listwise_loss(rho, target, anchor=2.0).sum().backward()
+    part = 2.0 * math.log(0.5)
+    torch.testing.assert_close(rho.grad, torch.tensor([[0.25 + part, -0.25 + part]], dtype=torch.float64))
+    # Minimising over ρ from 0 reaches t - log mean e^t: the weights and the constant.
+    rho = torch.zeros_like(target, requires_grad=True)
+    opt = torch.optim.LBFGS([rho], max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16)
+
+    def closure():
+        opt.zero_grad()
+        loss = listwise_loss(rho, target, anchor=1.0).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    expected = target - torch.logsumexp(target, dim=-1, keepdim=True) + math.log(2.0)
+    torch.testing.assert_close(rho.detach(), expected, atol=1e-8, rtol=0)  # L-BFGS to a 1e-14 gradient
+    # Exact list over the whole support: a normalised π_θ has m = 0, so the anchor adds nothing.
+    base = torch.log(torch.tensor([[0.8, 0.2]], dtype=torch.float64))
+    normalised = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64)) - base
+    assert float(listwise_loss(normalised, target, base, anchor=5.0)) == pytest.approx(
+        float(listwise_loss(normalised, target, base)), rel=1e-12)
+
+
 def test_all_pairs_are_every_distinct_pair_once():
     from alignment.stages import make_pairs
 
