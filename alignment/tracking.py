@@ -106,7 +106,10 @@ class WandbTracker:
         # run_id: a fixed id (resumed if it exists) for a run that must stay one run however often it is logged,
         # e.g. a sweep's report run; None: a new run.
         self.run = wandb.init(project=project, entity=entity, group=group, job_type=job_type, tags=list(tags),
-                              name=name, config=config, dir=str(run_dir), mode=self.mode, reinit="finish_previous",
+                              # absolute: a wandb-core service started by another process (WANDB_SERVICE) would
+                              # resolve a relative dir against its own working directory
+                              name=name, config=config, dir=str(Path(run_dir).absolute()), mode=self.mode,
+                              reinit="finish_previous",
                               id=run_id, resume="allow" if run_id else None,
                               # W&B's own end-of-run dump (history sparklines, summary) would repeat the run's
                               # report in the log; finish() says where the run is instead.

@@ -117,7 +117,7 @@ def test_summary_and_files(tmp_path):
     curve = json.loads((tmp_path / "tables" / "dual_curve.json").read_text())
     values = [row[2] for row in curve["rows"]]
     assert min(values) >= s["dual/value"] - 1e-9  # D is minimised at λ* along the logged curve
-    assert (tmp_path / "figures" / "dual_curve.pdf").exists()
+    assert (tmp_path / "figures" / "dual_curve_plot.pdf").exists()  # the table and the figure: distinct names
     assert json.loads((tmp_path / "run_info.json").read_text())["seed"] == 0
 
 
