@@ -310,6 +310,9 @@ def test_a_rerun_in_the_same_folder_resumes_its_wandb_run(tmp_path, monkeypatch)
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb exports its service's address for child processes; undone after the test, so that the CLI runs of
+    # later tests start services of their own.
+    monkeypatch.setenv("WANDB_SERVICE", "")
     failing = replace(tabular_config(tmp_path, margin=50.0), tracker=TrackerConfig(kind="wandb"))
     with pytest.raises(InfeasibleMarginError):
         run_experiment(failing, progress=False)
