@@ -69,6 +69,11 @@ class Distributed:
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
+    def sum_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Integer counts summed over ranks, by name (e.g. the compute each rank counted for its own share)."""
+        names = list(counts)
+        return {name: round(total) for name, total in zip(names, self.sum([float(counts[n]) for n in names]))}
+
     def shard(self, n: int) -> slice:
         """This rank's contiguous share of n items (the first n mod world_size ranks take one more)."""
         base, extra = divmod(n, self.world_size)

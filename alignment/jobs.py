@@ -165,12 +165,12 @@ def run_sweep_job(cfg: Config, resolved: dict[str, Any], *, group: str | None,
     if previous is not None:
         if not main:
             return None
-        if previous.resolve() == run_dir.resolve():
-            log.info("job %s completed before in this folder: kept as it is", key[:12])
-            return reuse(previous, run_dir)
-        log.info("job %s completed before in %s: reusing its outputs", key[:12], previous)
         summary = reuse(previous, run_dir)
-        log_reused(cfg, resolved, summary, group)
+        if previous.resolve() == run_dir.resolve():  # relaunched in place: its W&B run is in the group already
+            log.info("job %s completed before in this folder: kept as it is", key[:12])
+        else:
+            log.info("job %s completed before in %s: reusing its outputs", key[:12], previous)
+            log_reused(cfg, resolved, summary, group)
         return summary
     try:
         summary = run_experiment(cfg, resolved_config=resolved, group=group, processes_at_once=processes_at_once)

@@ -60,8 +60,15 @@ def listwise_loss(logratio: torch.Tensor, target: torch.Tensor, base_logweight: 
     base = base.to(logratio.dtype)
     loss = -(log_q.exp() * torch.log_softmax(base + logratio, dim=-1)).sum(dim=-1)
     if anchor:
-        loss = loss + anchor * torch.logsumexp(torch.log_softmax(base, dim=-1) + logratio, dim=-1).square()
+        loss = loss + anchor * log_mass(logratio, base).square()
     return loss
+
+
+def log_mass(logratio: torch.Tensor, base_logweight: torch.Tensor | None = None) -> torch.Tensor:
+    """m = log Σ_k softmax(b)_k e^{ρ_k}, shape [B]: the policy's probability on each prompt's K responses
+    relative to π_ref's (alignment.fit's ``log_mass``; 0 for π_ref, and on an exact list for any π_θ)."""
+    base = torch.zeros_like(logratio) if base_logweight is None else base_logweight.to(logratio.dtype)
+    return torch.logsumexp(torch.log_softmax(base, dim=-1) + logratio, dim=-1)
 
 
 def target_entropy(target: torch.Tensor, base_logweight: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,17 +78,16 @@ def target_entropy(target: torch.Tensor, base_logweight: torch.Tensor | None = N
     return -(log_q.exp() * log_q).sum(dim=-1)
 
 
-def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None
-                     ) -> dict[str, float]:
+def listwise_metrics(logratio: torch.Tensor, target: torch.Tensor, base_logweight: torch.Tensor | None = None,
+                     cross_entropy: torch.Tensor | None = None) -> dict[str, float]:
     """Means over the batch of KL(q ‖ p) = cross-entropy - H(q) between the target's and the policy's weights (0
-    at the target) and of the log-mass
-    log Σ_k softmax(b)_k e^{ρ_k}, which the loss does not see (alignment.fit's ``log_mass``)."""
+    at the target) and of the log-mass, which the cross-entropy does not see (``log_mass``).
+    ``cross_entropy``: the batch's listwise losses without the anchor, when already computed."""
     rho = logratio.detach()
-    losses = listwise_loss(rho, target, base_logweight)  # the cross-entropy alone, whatever the anchor
-    base = torch.zeros_like(rho) if base_logweight is None else base_logweight.to(rho.dtype)
-    mass = torch.logsumexp(torch.log_softmax(base, dim=-1) + rho, dim=-1)
-    return {"kl_to_target": float((losses.detach() - target_entropy(target, base_logweight)).mean()),
-            "log_mass": float(mass.mean())}
+    if cross_entropy is None:
+        cross_entropy = listwise_loss(rho, target, base_logweight)
+    return {"kl_to_target": float((cross_entropy.detach() - target_entropy(target, base_logweight)).mean()),
+            "log_mass": float(log_mass(rho, base_logweight).mean())}
 
 
 def preference_metrics(logratio_1: torch.Tensor, logratio_0: torch.Tensor, label: torch.Tensor,

@@ -96,6 +96,12 @@ def _items_digest(items: dict[str, torch.Tensor]) -> str:
                     [round(float(v), 12) for v in items["label"]]])
 
 
+def _complete(rows: list[list[str]]) -> Samples:
+    """A dataset's responses [N][J]: complete texts, so each counts as ended (scored with EOS where a scorer
+    appends it)."""
+    return Samples(rows, [[True] * len(row) for row in rows])
+
+
 def _objective(name: str, rho: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor], beta: float,
                anchor: float = 0.0) -> Objective:
     """The training objective ``name`` from a world's log-ratio function ρ(policy, batch) -> [B, J]; ``anchor``:
@@ -611,8 +617,7 @@ class LanguageStages:
             raise ValueError("algorithm.pair_source=dataset needs a preference dataset (dataset=pku-saferlhf-30k)")
         index = {p: i for i, p in enumerate(self.sample_prompts)}
         records = [r for r in self.records if r.prompt in index]
-        responses = Samples([[r.response_0, r.response_1] for r in records],
-                            [[True, True] for _ in records])  # a dataset's responses are complete: they ended
+        responses = _complete([[r.response_0, r.response_1] for r in records])
         ids = torch.as_tensor(self._register(responses))
         reward, safety = self._score_texts([r.prompt for r in records], responses)
         composite = torch.as_tensor(reward + safety @ lam)
@@ -627,9 +632,8 @@ class LanguageStages:
         index = {p: i for i, p in enumerate(self.sample_prompts)}
         records = [r for r in self.records if r.prompt in index]
         chosen = [r.better_response_id if objective == "helpful" else r.safer_response_id for r in records]
-        pairs = Samples([[r.response(1 - c), r.response(c)] for r, c in zip(records, chosen)],
-                        [[True, True] for _ in records])  # a dataset's responses are complete: they ended
-        ids = torch.as_tensor(self._register(pairs))
+        ids = torch.as_tensor(self._register(_complete([[r.response(1 - c), r.response(c)]
+                                                        for r, c in zip(records, chosen)])))
         return {"prompt": torch.tensor([index[r.prompt] for r in records]), "y1": ids[:, 1], "y0": ids[:, 0],
                 "label": torch.ones(len(records), dtype=torch.float64)}
 
@@ -714,10 +718,9 @@ class LanguageStages:
         """After a collective training: the work every rank did since ``before`` (each counted its own share of
         the batches and rollouts) becomes this rank's count, so a run reports the same compute on any number of
         processes. ``training_runs`` counts trainings, not ranks, and is kept."""
-        spent = self.compute.since(before)
-        names = [name for name in spent if name != "training_runs"]
-        totals = distributed.current().sum([float(spent[name]) for name in names])
-        self.compute.add(**{name: round(total) - spent[name] for name, total in zip(names, totals)})
+        spent = {name: n for name, n in self.compute.since(before).items() if name != "training_runs"}
+        totals = distributed.current().sum_counts(spent)
+        self.compute.add(**{name: totals[name] - n for name, n in spent.items()})
 
     def train(self, pairs: dict[str, torch.Tensor], *, beta: float, log: Any, progress: bool,
               objective: str = "pairwise", anchor: float = 0.0) -> tuple[TrainedAdapter, dict[str, Any]]:

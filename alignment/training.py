@@ -64,7 +64,8 @@ def listwise(logratios: ListLogRatios, anchor: float = 0.0) -> Objective:
         target = batch["target"].to(rho.device)
         base = batch["base"].to(rho.device) if "base" in batch else None
         losses = listwise_loss(rho, target, base, anchor)
-        return losses, listwise_metrics(rho, target, base)
+        # With the anchor on the loss is not the cross-entropy the metrics report; the metrics compute that then.
+        return losses, listwise_metrics(rho, target, base, cross_entropy=None if anchor else losses)
 
     return objective
 
@@ -244,9 +245,7 @@ def _spent(meter: ComputeMeter | None, start: dict[str, int] | None,
     """
     if meter is None or start is None:
         return {}
-    spent = meter.since(start)
-    names = list(spent)
-    return {name: round(total) for name, total in zip(names, dist.sum([float(spent[n]) for n in names]))}
+    return dist.sum_counts(meter.since(start))
 
 
 # Checkpoints of one training live in one folder: ``step-<step>.pt`` (torch.save of tensors and plain
