@@ -17,9 +17,7 @@ is greppable to its definition here. Every function takes an ``AlignmentContext`
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -28,11 +26,21 @@ import numpy as np
 import torch
 
 from alignment import distributed
+from alignment.compute import StageTimer
 from alignment.config import AlgorithmConfig, Config
-from alignment.dual import BootstrapResult, DualSolution, bootstrap, dual_terms, newton_correction, solve_dual
+from alignment.dual import (
+    BootstrapResult,
+    DualSolution,
+    bootstrap,
+    dual_terms,
+    newton_correction,
+    reference_means,
+    solve_dual,
+)
+from alignment.items import make_lists, make_pairs
 from alignment.multiplier import LagrangeMultiplier
 from alignment.online import safe_rlhf_train
-from alignment.stages import make_lists, make_pairs, reference_means
+from alignment.worlds.base import World
 
 
 class InfeasibleMarginError(ValueError):
@@ -71,7 +79,7 @@ class AlignmentContext:
     and the run's tracker, pair generator and stage timer."""
 
     cfg: Config
-    world: Any  # TabularStages | LanguageStages
+    world: World  # alignment/worlds/: the tabular or a language-model world
     responses: np.ndarray  # [N, K] response ids of π_ref samples
     ref_logprob: np.ndarray | None  # [N, K] for exact candidate lists, else None (iid samples)
     reward: np.ndarray  # [N, K]
@@ -79,7 +87,7 @@ class AlignmentContext:
     tracker: Any
     generator: torch.Generator  # pairs, labels and policy samples
     progress: bool = True
-    times: dict[str, float] = field(default_factory=dict)
+    timer: StageTimer = field(default_factory=StageTimer)  # time/<stage>, shared with the experiment
 
     @property
     def margins(self) -> np.ndarray:
@@ -90,18 +98,8 @@ class AlignmentContext:
         """E_ref of reward [N] and safety [N, m] per dual prompt, from π_ref's samples (the dual's data)."""
         return reference_means(self.reward, self.ref_logprob), reference_means(self.safety, self.ref_logprob)
 
-    @contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
-        """Accumulate wall time under ``time/<stage>`` (several trainings add up)."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = f"time/{stage}"
-            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
-
     def dual(self, reward: np.ndarray, safety: np.ndarray) -> LambdaChoice:
-        with self.timed("dual"):
+        with self.timer("dual"):
             return one_shot_dual(reward, safety, self.margins, self.cfg.algorithm, ref_logprob=self.ref_logprob,
                                  seed=self.cfg.seed)
 
@@ -111,16 +109,17 @@ class AlignmentContext:
         objective: pairs labelled by σ(Δ(r + λᵀg)) (pairwise, all_pairs) or lists of each prompt's samples
         with targets (r + λᵀg)/β (listwise)."""
         cfg = self.cfg.algorithm
-        with self.timed("train"):
+        with self.timer("train"):
             if cfg.pair_source == "dataset":
-                items = self.world.dataset_pairs(lam, self.generator)
+                items = self.world.dataset_pairs(lam, cfg.labels, self.generator)
             elif cfg.objective == "listwise":
                 items = make_lists(self.responses, (reward + safety @ lam) / cfg.beta, self.ref_logprob)
             else:
                 items = make_pairs(self.responses, reward + safety @ lam, self.ref_logprob,
                                    pairs_per_prompt=cfg.pairs_per_prompt, labels=cfg.labels,
                                    generator=self.generator, all_pairs=cfg.objective == "all_pairs")
-            policy, info = self.world.train(items, beta=cfg.beta, log=self.tracker.phase(phase),
+            policy, info = self.world.train(items, trainer=self.cfg.trainer, beta=cfg.beta,
+                                            log=self.tracker.phase(phase),
                                             progress=self.progress, objective=cfg.objective,
                                             anchor=cfg.mass_anchor)
         # train/pairs: the items trained on (pairs, or one list per prompt for the listwise objective)
@@ -129,7 +128,7 @@ class AlignmentContext:
     def probe(self, policy: Any, num_samples: int) -> tuple[float, np.ndarray]:
         """A trained policy's mean reward and constraint slack Ê_π g - E_ref g - b [m] on the dual's prompts,
         from ``num_samples`` fresh samples per prompt: ∇D's estimate at the λ it was trained at."""
-        with self.timed("probe"):
+        with self.timer("probe"):
             reward, safety = self.world.policy_scores(policy, num_samples, self.generator)
         return float(reward.mean()), safety.mean(axis=0) - self.ref_means[1].mean(axis=0) - self.margins
 
@@ -147,9 +146,10 @@ class AlignmentContext:
                           labels=self.cfg.algorithm.labels, generator=self.generator)
 
     def dpo(self, objective: str, beta: float, j: int = 0, *, phase: str) -> tuple[Any, dict[str, Any]]:
-        with self.timed("train"):
+        with self.timer("train"):
             pairs = self.preference_pairs(objective, j)
-            policy, info = self.world.train(pairs, beta=beta, log=self.tracker.phase(phase), progress=self.progress)
+            policy, info = self.world.train(pairs, trainer=self.cfg.trainer, beta=beta, log=self.tracker.phase(phase),
+                                            progress=self.progress)
         return policy, {**info, "train/pairs": int(pairs["label"].shape[0])}
 
 
@@ -306,14 +306,14 @@ def safe_rlhf(ctx: AlignmentContext) -> Outcome:
             "ref_safety": np.round(ref_safety, 12).tolist(), "tolerance": cfg.eval.tolerance}
 
     def run(policy: Any, work: Any) -> dict[str, Any]:
-        result = safe_rlhf_train(ctx.world, policy, cfg=sr, beta=cfg.algorithm.beta, margins=ctx.margins,
+        result = safe_rlhf_train(ctx.world.rollouts, policy, cfg=sr, beta=cfg.algorithm.beta, margins=ctx.margins,
                                  ref_safety=ref_safety, seed=cfg.seed, tolerance=cfg.eval.tolerance,
                                  log=ctx.tracker.phase("safe_rlhf"), progress=ctx.progress)
         ctx.world.compute.add(training_runs=1)
         return {"safe_rlhf/lambda": result.lam.tolist(), "safe_rlhf/history": result.history,
                 "safe_rlhf/first_feasible_step": result.first_feasible_step, "train/steps": sr.steps}
 
-    with ctx.timed("train"):
+    with ctx.timer("train"):
         policy, info = ctx.world.online_policy(spec, run)
     return Outcome(policy, np.asarray(info["safe_rlhf/lambda"]), None, info)
 

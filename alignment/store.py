@@ -52,6 +52,8 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "canonical_json",
+    "content_digest",
+    "digest",
     "sha256_file",
 ]
 
@@ -129,6 +131,21 @@ def canonical_json(obj: Any, *, where: str = "spec") -> str:
     list/tuple, str, int, float, bool, None, pathlib paths, numpy scalars/arrays, dataclass instances).
     """
     return json.dumps(_canonical(obj, where), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def digest(obj: Any) -> str:
+    """sha256 hex digest of ``canonical_json(obj)``: the package's one hash of a value (cache keys, job keys).
+
+    Where a large content (every sampled text, every stage-2 item) enters a spec, ``content_digest`` stands for
+    it instead."""
+    return hashlib.sha256(canonical_json(obj).encode("ascii")).hexdigest()
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 of ``obj``'s JSON with sorted keys (Python's default separators): a JSON-native content (lists of
+    texts, ids, rounded floats) as one string inside a spec. Not ``digest``'s format because every cached
+    sample, score, log-probability and adapter so far was keyed with this one; changing it would orphan them."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,9 +315,7 @@ class ArtifactStore:
         self._check_stage(stage)
         if not isinstance(version, str):
             raise TypeError(f"version must be a str, got {type(version).__name__}")
-        payload = {"stage": stage, "version": version, "spec": _canonical(spec, "spec")}
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return hashlib.sha256(text.encode("ascii")).hexdigest()
+        return digest({"stage": stage, "version": version, "spec": spec})
 
     def _stage_dir(self, stage: str) -> Path:
         return self.root / stage

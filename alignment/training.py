@@ -9,7 +9,7 @@ accumulation, clipping, schedule), return.
 Objectives (``algorithm.objective`` chooses for stage 2; DPO baselines and PeCAN's pre-alignment are pairwise):
 
     pairwise    pairs {prompt, y1, y0, label}: soft-label DPO, -[p log σ(h) + (1-p) log σ(-h)], h = β(ρ1 - ρ0)
-    all_pairs   the same loss on every distinct pair of each prompt's K samples (built by stages.make_pairs)
+    all_pairs   the same loss on every distinct pair of each prompt's K samples (built by items.make_pairs)
     listwise    lists {prompt, ys [K], target [K], base [K]}: -Σ q log softmax(ρ), q = softmax(r_λ/β)
 """
 
@@ -68,6 +68,20 @@ def listwise(logratios: ListLogRatios, anchor: float = 0.0) -> Objective:
         return losses, listwise_metrics(rho, target, base, cross_entropy=None if anchor else losses)
 
     return objective
+
+
+def objective_for(name: str, logratios: ListLogRatios, beta: float, anchor: float = 0.0) -> Objective:
+    """The objective ``name`` (``algorithm.objective``: pairwise, all_pairs, listwise) from a world's log-ratio
+    function ρ(policy, batch) -> [B, J] over each item's responses (a list's K, a pair's (y1, y0));
+    ``anchor``: the listwise objective's log-mass weight. pairwise and all_pairs differ in their pairs only."""
+    if name == "listwise":
+        return listwise(logratios, anchor)
+
+    def pair_logratios(policy: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        both = logratios(policy, batch)
+        return both[:, 0], both[:, 1]
+
+    return pairwise(pair_logratios, beta)
 
 
 @dataclass
@@ -170,7 +184,7 @@ def train_items(
             _set_global_rng(resume["rng"])
         if meter is not None and dist.is_main:
             # The saved counts are every rank's together (see _spent), so one rank adds them: summing the
-            # ranks' counts afterwards (LanguageStages._count_all_ranks) then counts them once.
+            # ranks' counts afterwards (LanguageWorld._count_all_ranks) then counts them once.
             meter.add(**resume["compute"])
     model = engine.model
     model.train()

@@ -14,8 +14,8 @@ from alignment.config import MultiplierConfig, PrimalDualConfig, SafeRLHFConfig
 from alignment.dual import solve_dual, tilted_weights
 from alignment.experiment import COMMON_KEYS, run_experiment
 from alignment.online import clipped_policy_loss, leave_one_out
-from alignment.stages import TabularStages
-from alignment.tabular import TabularPolicy, make_world
+from alignment.worlds import build_world
+from alignment.worlds.tabular import TabularPolicy, make_tables
 
 BETA, MARGIN, N = 0.5, 0.5, 120
 
@@ -23,7 +23,7 @@ BETA, MARGIN, N = 0.5, 0.5, 120
 @pytest.fixture(scope="module")
 def truth():
     """λ* and π_λ* of the population problem on the exact candidate lists (what MoCAN with exact lists gets)."""
-    world = make_world(N, 16, 1, 0.6, 1.0, 0)
+    world = make_tables(N, 16, 1, 0.6, 1.0, 0)
     sol = solve_dual(world.reward, world.safety, MARGIN, BETA, ref_logprob=world.ref_logits)
     return world, sol
 
@@ -84,7 +84,7 @@ def test_pecan_with_exact_implicit_rewards_recovers_mocan(truth):
     so the dual gives MoCAN's λ* and π_λ* exactly, for any β_h, β_s (the β factors are kept)."""
     world, sol = truth
     cfg = tabular_config(None, exact=True)
-    stages = TabularStages(cfg)
+    stages = build_world(cfg)
     responses, ref_logprob = stages.sample_reference(torch.Generator())
     for beta_h, beta_s in [(BETA, BETA), (0.2, 1.5)]:
         pi_h, pi_s = TabularPolicy(world.ref_logits), TabularPolicy(world.ref_logits)

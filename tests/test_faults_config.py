@@ -77,7 +77,7 @@ def test_every_world_combination_converts_or_names_the_misfit():
     each group under its own key, so this is the composition itself, as checked on one combination below):
     ~4 s instead of ~15 s for 64 compositions."""
     from alignment.scorers import build_scorer
-    from alignment.stages import TabularStages
+    from alignment.worlds import build_world
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         # experiment=tabular sets no key of these groups (the default experiment=smollm2 sets dataset keys that
@@ -100,7 +100,7 @@ def test_every_world_combination_converts_or_names_the_misfit():
             continue
         converted.add(combo)
         if obj.dataset.kind == "tabular":
-            TabularStages(obj)
+            build_world(obj)
         else:
             for spec in [obj.scorer.reward, *obj.scorer.safety]:
                 if spec.kind == "gold":

@@ -18,8 +18,8 @@ from test_language_algorithms import lm_config
 from alignment.compute import ComputeMeter
 from alignment.config import TrainerConfig
 from alignment.store import ArtifactStore, sha256_file
-from alignment.tabular import TabularPolicy, make_world
 from alignment.training import TrainResult, train_pairs
+from alignment.worlds.tabular import TabularPolicy, make_tables
 
 # 3 epochs of 10 steps; checkpoints at 5, 10, ..., 30 (the last step included, as a finished run leaves it).
 CFG = TrainerConfig(lr=0.1, epochs=3, batch_size=64, checkpoint_every=5, log_every=1, scheduler="cosine")
@@ -40,7 +40,7 @@ def _kill_at(step: int):
 def _train(meter: ComputeMeter | None = None, **kwargs: Any) -> tuple[torch.Tensor, TrainResult]:
     """The tabular world's training on fixed soft-labelled pairs, counting its work in ``meter`` the way the
     stages do (inside the objective, one token per response)."""
-    world = make_world(30, 6, 1, 0.6, 1.0, 0)
+    world = make_tables(30, 6, 1, 0.6, 1.0, 0)
     g = torch.Generator().manual_seed(0)
     n = 30 * 20
     pairs = {"prompt": torch.arange(30).repeat_interleave(20), "y1": torch.randint(0, 6, (n,), generator=g),
@@ -211,14 +211,15 @@ def test_the_work_folder_goes_once_the_entry_is_published(tmp_path):
 
 
 def test_a_killed_language_model_training_resumes_to_the_same_adapter_and_compute(tiny_lm, tmp_path):
-    """Point 6 through ``LanguageStages`` on a tiny Llama with LoRA, each run in a new ``LanguageStages`` (a new
+    """Point 6 through ``LanguageWorld`` on a tiny Llama with LoRA, each run in a new ``LanguageWorld`` (a new
     process's meter) on one cache: a run killed mid stage 2 and rerun reports the compute, final loss and
     weights of one run in one go, and its published adapter leaves no checkpoints; so when that adapter is
     later found corrupt, it is retrained from scratch (not "resumed" at its last step with 0 backward tokens
     and a NaN loss), to the same numbers."""
     from safetensors.torch import load_file
 
-    from alignment.stages import LanguageStages, make_pairs
+    from alignment.items import make_pairs
+    from alignment.worlds import build_world
 
     cache = tmp_path / "cache"
 
@@ -228,12 +229,12 @@ def test_a_killed_language_model_training_resumes_to_the_same_adapter_and_comput
         cfg.sampling = dataclasses.replace(cfg.sampling, num_samples=2, max_new_tokens=4)
         cfg.trainer = dataclasses.replace(cfg.trainer, epochs=1, batch_size=6, checkpoint_every=1)
         torch.manual_seed(0)
-        stages = LanguageStages(cfg, ArtifactStore(cache))
+        stages = build_world(cfg, ArtifactStore(cache))
         responses, _ = stages.sample_reference(torch.Generator().manual_seed(1))
         reward, _ = stages.score(responses)
         pairs = make_pairs(responses, reward, None, pairs_per_prompt=1, labels="soft",
                            generator=torch.Generator().manual_seed(2))
-        _, info = stages.train(pairs, beta=1.0, log=log or (lambda row, step: None), progress=False)
+        _, info = stages.train(pairs, trainer=cfg.trainer, beta=1.0, log=log or (lambda row, step: None), progress=False)
         # Copied out of the file's memory map: the test damages that file later.
         weights = {k: v.clone() for k, v in load_file(Path(info["train/adapter"]) / "adapter_model.safetensors")
                    .items()}

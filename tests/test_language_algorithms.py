@@ -30,8 +30,9 @@ from alignment.config import (
     TrainerConfig,
 )
 from alignment.experiment import run_experiment
-from alignment.stages import LanguageStages, make_pairs
+from alignment.items import make_pairs
 from alignment.store import ArtifactStore
+from alignment.worlds import build_world
 
 
 def lm_config(tiny_lm, tmp_path, cache, name="mocan", **algorithm) -> Config:
@@ -108,7 +109,7 @@ def test_each_training_starts_from_the_reference(tiny_lm, tmp_path):
     def stages_with_samples(cache):
         cfg = lm_config(tiny_lm, tmp_path, cache)
         torch.manual_seed(0)  # LoRA's random A matrices come from the global RNG at load time
-        stages = LanguageStages(cfg, ArtifactStore(cache))
+        stages = build_world(cfg, ArtifactStore(cache))
         responses, _ = stages.sample_reference(torch.Generator().manual_seed(1))
         reward, safety = stages.score(responses)
         return cfg, stages, responses, reward, safety
@@ -121,12 +122,12 @@ def test_each_training_starts_from_the_reference(tiny_lm, tmp_path):
         return None
 
     cfg, stages, responses, reward, safety = stages_with_samples(tmp_path / "a")
-    stages.train(pairs(cfg, responses, reward), beta=1.0, log=noop, progress=False)
-    second, _ = stages.train(pairs(cfg, responses, safety[..., 0]), beta=1.0, log=noop, progress=False)
+    stages.train(pairs(cfg, responses, reward), trainer=cfg.trainer, beta=1.0, log=noop, progress=False)
+    second, _ = stages.train(pairs(cfg, responses, safety[..., 0]), trainer=cfg.trainer, beta=1.0, log=noop, progress=False)
     rho_sequential = stages.logratio(second, responses)
 
     cfg, alone, responses, reward, safety = stages_with_samples(tmp_path / "b")
-    only, _ = alone.train(pairs(cfg, responses, safety[..., 0]), beta=1.0, log=noop, progress=False)
+    only, _ = alone.train(pairs(cfg, responses, safety[..., 0]), trainer=cfg.trainer, beta=1.0, log=noop, progress=False)
     np.testing.assert_allclose(rho_sequential, alone.logratio(only, responses), atol=1e-5)
     assert np.abs(rho_sequential).max() > 1e-4  # training moved the policy
 
@@ -152,7 +153,7 @@ def test_pecan_on_a_preference_dataset_uses_its_better_and_safer_ids(tiny_lm, tm
     cfg.model = dataclasses.replace(cfg.model, max_length=256)
     s = run_experiment(cfg, progress=False)
     assert s["status"] == "completed" and s["compute/training_runs"] == 3
-    stages = LanguageStages(cfg, ArtifactStore(tmp_path / "cache"))
+    stages = build_world(cfg, ArtifactStore(tmp_path / "cache"))
     stages.sample_reference(torch.Generator())
     better, safer = stages.dataset_preferences("helpful"), stages.dataset_preferences("safe")
     assert len(better["label"]) == 2 and bool((better["label"] == 1).all())
@@ -204,11 +205,11 @@ def test_objectives_move_a_language_model_towards_the_target(tiny_lm, tmp_path, 
     """Stage 2 with each objective on a real (tiny) causal LM: the policy's log-ratios on the dual's samples
     move towards r_λ/β (the fit diagnostics improve on π_ref's), and the adapter is keyed by the objective."""
     from alignment.fit import fit_diagnostics
-    from alignment.stages import make_lists
+    from alignment.items import make_lists
 
     cfg = lm_config(tiny_lm, tmp_path, tmp_path / "cache")
     cfg.trainer = dataclasses.replace(cfg.trainer, epochs=3, lr=3e-3)
-    stages = LanguageStages(cfg, ArtifactStore(tmp_path / "cache"))
+    stages = build_world(cfg, ArtifactStore(tmp_path / "cache"))
     responses, _ = stages.sample_reference(torch.Generator().manual_seed(1))
     reward, safety = stages.score(responses)
     target = reward + 0.5 * safety[..., 0]  # r_λ at λ = 0.5, β = 1
@@ -220,11 +221,11 @@ def test_objectives_move_a_language_model_towards_the_target(tiny_lm, tmp_path, 
                            generator=torch.Generator().manual_seed(2), all_pairs=True)
         k = responses.shape[1]
         assert len(items["label"]) == responses.shape[0] * k * (k - 1) // 2
-    policy, info = stages.train(items, beta=1.0, log=lambda row, step: None, progress=False, objective=objective)
+    policy, info = stages.train(items, trainer=cfg.trainer, beta=1.0, log=lambda row, step: None, progress=False, objective=objective)
     before = fit_diagnostics(target, np.zeros_like(target))
     after = fit_diagnostics(target, stages.logratio(policy, responses))
     assert after["target_kl"] < before["target_kl"] and after["corr"] > 0
     pairwise_items = make_pairs(responses, target, None, pairs_per_prompt=4, labels="soft",
                                 generator=torch.Generator().manual_seed(2))
-    _, pairwise_info = stages.train(pairwise_items, beta=1.0, log=lambda row, step: None, progress=False)
+    _, pairwise_info = stages.train(pairwise_items, trainer=cfg.trainer, beta=1.0, log=lambda row, step: None, progress=False)
     assert pairwise_info["train/adapter"] != info["train/adapter"]

@@ -132,7 +132,7 @@ def test_listwise_anchor_fixes_the_constant_and_only_the_constant():
 
 
 def test_all_pairs_are_every_distinct_pair_once():
-    from alignment.stages import make_pairs
+    from alignment.items import make_pairs
 
     responses = np.arange(8).reshape(2, 4)
     scores = np.random.default_rng(0).normal(size=(2, 4))
@@ -146,7 +146,7 @@ def test_all_pairs_are_every_distinct_pair_once():
 
 
 def test_sampled_pairs_never_pair_a_sample_with_itself():
-    from alignment.stages import make_pairs
+    from alignment.items import make_pairs
 
     responses = np.arange(40).reshape(10, 4)
     pairs = make_pairs(responses, np.zeros((10, 4)), None, pairs_per_prompt=64, labels="soft",

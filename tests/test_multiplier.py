@@ -54,9 +54,9 @@ def test_vector_and_bad_input():
 def test_converges_to_the_dual_solution_on_a_tabular_problem():
     """Dual ascent with exact slacks of π_λ reaches the same λ* as the Newton solver."""
     from alignment.dual import dual_terms, solve_dual
-    from alignment.tabular import make_world
+    from alignment.worlds.tabular import make_tables
 
-    world = make_world(50, 8, 1, 0.6, 1.0, 0)
+    world = make_tables(50, 8, 1, 0.6, 1.0, 0)
     star = solve_dual(world.reward, world.safety, 0.4, 0.5, ref_logprob=world.ref_logits).lam[0]
     lam = LagrangeMultiplier(MultiplierConfig(init=0.1, lr=0.5, log_space=False, max=10.0))
     for _ in range(3000):

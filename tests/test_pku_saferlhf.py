@@ -282,15 +282,14 @@ def test_dataset_folder_splits_and_unknown_split(tmp_path: Path, datasets_cache:
 
 def test_preference_prompts_use_a_dataset_folders_test_split(tmp_path: Path, datasets_cache: Path) -> None:
     """The evaluation prompts of a dataset folder come from its test split, not from held-out train prompts."""
-    from types import SimpleNamespace
-
     from alignment.config import PreferenceDatasetConfig
-    from alignment.stages import LanguageStages
+    from alignment.store import ArtifactStore
+    from alignment.worlds.language.prompts import load_prompts
 
     folder = _dataset_folder(tmp_path)
     dataset = PreferenceDatasetConfig(source=str(folder), n_prompts=2, n_eval_prompts=5)
-    stages = SimpleNamespace(cfg=SimpleNamespace(dataset=dataset))
-    train, test = LanguageStages._preference_prompts(stages)  # type: ignore[arg-type]
+    split = load_prompts(dataset, ArtifactStore(tmp_path / "cache"), max_held_out=None)
+    train, test = split.dual, split.held_out
     raw = _raw_lines()
     assert set(train) <= {r["prompt"] for r in raw[:3]} and len(train) == 2
     assert test == [raw[3]["prompt"]]

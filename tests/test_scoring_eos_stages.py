@@ -58,7 +58,7 @@ def test_sampler_records_ended(tiny_lm):
 
 
 def test_stages_score_with_eos(tmp_path, tiny_lm):
-    from alignment.stages import LanguageStages
+    from alignment.worlds import build_world
 
     rm = _beaver(tmp_path / "rm", tiny_lm)
     source = Path(__file__).parent / "data" / "pku_saferlhf_sample.jsonl"
@@ -73,7 +73,7 @@ def test_stages_score_with_eos(tmp_path, tiny_lm):
             sampling=SamplingConfig(num_samples=16, max_new_tokens=40, batch_size=32),
             eval=EvalConfig(num_samples=2, bootstrap=20), tracker=TrackerConfig(kind="none"),
             cache_dir=str(tmp_path / "cache"), run_dir=str(tmp_path / "run"))
-        return LanguageStages(cfg, ArtifactStore(cfg.cache_dir))
+        return build_world(cfg, ArtifactStore(cfg.cache_dir))
 
     on = make(None)
     assert on._scores_need_ended
@@ -97,5 +97,5 @@ def test_stages_score_with_eos(tmp_path, tiny_lm):
     assert np.abs(reward_off - reward)[ended].min() > 0 and np.abs(reward_off - reward)[~ended].max() < 1e-5
 
     # dataset responses are complete: scored with EOS
-    pairs = on.dataset_pairs(np.zeros(1), torch.Generator().manual_seed(0))
+    pairs = on.dataset_pairs(np.zeros(1), "soft", torch.Generator().manual_seed(0))
     assert all(on.ended[int(i)] for i in pairs["y1"])

@@ -22,7 +22,7 @@ from alignment.config import (
 )
 from alignment.dual import solve_dual
 from alignment.experiment import run_experiment
-from alignment.tabular import TabularPolicy, make_world
+from alignment.worlds.tabular import TabularPolicy, make_tables
 
 
 def tabular_config(tmp_path, *, margin=0.5, exact=False, seed=0, labels="soft", n_prompts=120,
@@ -46,7 +46,7 @@ def tabular_config(tmp_path, *, margin=0.5, exact=False, seed=0, labels="soft", 
 def test_exact_mocan_reaches_the_closed_form_optimum(tmp_path):
     """Exact lists: λ* is the population multiplier and stage 2 must land on π_λ* itself."""
     s = run_experiment(tabular_config(tmp_path, exact=True), progress=False)
-    world = make_world(120, 16, 1, 0.6, 1.0, 0)
+    world = make_tables(120, 16, 1, 0.6, 1.0, 0)
     truth = solve_dual(world.reward, world.safety, 0.5, 0.5, ref_logprob=world.ref_logits)
     np.testing.assert_allclose(s["dual/lambda"], truth.lam, rtol=1e-9)
     assert s["eval/tv_to_target"] < 2e-3
@@ -149,7 +149,7 @@ def test_infeasible_margin_fails_clearly_and_records_status(tmp_path):
 
 @pytest.mark.fast
 def test_policy_interface():
-    world = make_world(5, 4, 1, 0.5, 1.0, 0)
+    world = make_tables(5, 4, 1, 0.5, 1.0, 0)
     policy = TabularPolicy(world.ref_logits)
     import torch
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from alignment.config import TrainerConfig
-from alignment.tabular import TabularPolicy, make_world
+from alignment.worlds.tabular import TabularPolicy, make_tables
 
 pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
 
 
 def _setup():
-    world = make_world(30, 6, 1, 0.6, 1.0, 0)
+    world = make_tables(30, 6, 1, 0.6, 1.0, 0)
     g = torch.Generator().manual_seed(0)
     n = 30 * 20
     pairs = {"prompt": torch.arange(30).repeat_interleave(20), "y1": torch.randint(0, 6, (n,), generator=g),
