@@ -726,7 +726,8 @@ class SweepReport(_callback_base()):  # type: ignore[misc]
         import logging
         import sys
 
-        from alignment.report import report_sweep, sweep_group
+        from alignment.report import report_sweep
+        from alignment.sweep import sweep_group
 
         log = logging.getLogger("sweep")
         sweep_dir = str(config.hydra.sweep.dir)
