@@ -2,7 +2,7 @@
 with bootstrap intervals over seeds and prompts, charts, and a sweep-level W&B run in the jobs' group.
 
     python -m alignment.report outputs/multirun/2026-11-28/18-00-00      # on demand
-    (runs by itself after every multirun: the SweepReport callback in conf/config.yaml)
+    (runs by itself after every multirun: conf/config.yaml's SweepReport callback, alignment/hydra_app.py)
 
 Reads local outputs only (``summary.json`` and ``arrays.npz`` per job); writes into ``<sweep>/report/``.
 """

@@ -2,9 +2,10 @@
 (``sweep_group``) and one point per configuration over seeds with intervals and Pareto fronts (``Point``,
 ``sweep_points``).
 
-The report (alignment/report.py), the figures (alignment/figures.py) and the entry point's multirun jobs
-(run.py) all read sweeps through this module, so none of them imports another to get at a sweep. (The YAML
-definitions of named multiruns are in the top-level ``sweeps/`` folder; this module reads what they write.)
+The report (alignment/report.py), the figures (alignment/figures.py), the multirun jobs (run.py) and the
+sweep callback (alignment/hydra_app.py) all read sweeps through this module, so none of them imports another
+to get at a sweep. (The YAML definitions of named multiruns are in the top-level ``sweeps/`` folder; this
+module reads the folders their runs write.)
 """
 
 from __future__ import annotations

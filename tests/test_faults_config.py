@@ -33,9 +33,9 @@ from alignment.config import (
     TabularModelConfig,
     TrackerConfig,
     TrainerConfig,
-    register_configs,
 )
 from alignment.experiment import CacheDirError, format_report, run_experiment
+from alignment.hydra_app import register_configs
 from alignment.jobs import JobRegistry, job_key, run_sweep_job
 
 ROOT = Path(__file__).resolve().parent.parent
