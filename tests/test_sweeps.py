@@ -16,7 +16,7 @@ import pytest
 from alignment.figures import make_figures
 from alignment.sweep import hierarchical_interval, load_sweep, pareto_mask, sweep_points
 from alignment.threads import available_cores
-from alignment.wandb_offline import find_offline_runs, read_offline_run
+from tests.wandb_offline import find_offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["experiment=tabular", "dataset.n_prompts=30", "sampling.num_samples=16", "algorithm.pairs_per_prompt=16",
