@@ -17,10 +17,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from alignment import distributed
-from alignment.config import Config, hydra_run_context, register_configs
+from alignment.config import Config
 from alignment.experiment import format_report, run_experiment
+from alignment.hydra_app import hydra_run_context, register_configs
 from alignment.jobs import run_sweep_job
-from alignment.report import sweep_group
+from alignment.sweep import sweep_group
 
 log = logging.getLogger("run")
 register_configs()

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alignment.dual import dual_path, projected_gradient_descent, solve_dual  # noqa: E402
-from alignment.report import Job, Point, Sweep, load_sweep, sweep_points  # noqa: E402
+from alignment.sweep import Job, Point, Sweep, load_sweep, sweep_points  # noqa: E402
 
 log = logging.getLogger(__name__)
 

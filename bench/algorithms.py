@@ -25,8 +25,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from alignment.config import register_configs
 from alignment.experiment import run_experiment
+from alignment.hydra_app import register_configs
 from alignment.store import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent

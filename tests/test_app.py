@@ -17,8 +17,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 import alignment
-from alignment.config import Config, register_configs
-from alignment.wandb_offline import find_offline_runs, read_offline_run
+from alignment.config import Config
+from alignment.hydra_app import register_configs
+from tests.wandb_offline import find_offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

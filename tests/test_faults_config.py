@@ -33,9 +33,9 @@ from alignment.config import (
     TabularModelConfig,
     TrackerConfig,
     TrainerConfig,
-    register_configs,
 )
 from alignment.experiment import CacheDirError, format_report, run_experiment
+from alignment.hydra_app import register_configs
 from alignment.jobs import JobRegistry, job_key, run_sweep_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,7 +306,7 @@ def test_report_says_when_lambda_interval_leaves_out_infeasible_resamples(tmp_pa
 def test_a_rerun_in_the_same_folder_resumes_its_wandb_run(tmp_path, monkeypatch):
     """A job that failed and is rerun in its folder (a sweep relaunched in place) stays one W&B run: the same
     id, resumed, its steps after the first attempt's, ending with the rerun's exit code."""
-    from alignment.wandb_offline import find_offline_runs, read_offline_run
+    from tests.wandb_offline import find_offline_runs, read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -17,7 +17,7 @@ from matplotlib.text import Text
 
 from alignment import figures
 from alignment.dual import solve_dual
-from alignment.report import Job, Point, Sweep
+from alignment.sweep import Job, Point, Sweep
 
 BETA = 0.5
 

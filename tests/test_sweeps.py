@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from alignment.figures import make_figures
-from alignment.report import hierarchical_interval, load_sweep, pareto_mask, sweep_points
+from alignment.sweep import hierarchical_interval, load_sweep, pareto_mask, sweep_points
 from alignment.threads import available_cores
-from alignment.wandb_offline import find_offline_runs, read_offline_run
+from tests.wandb_offline import find_offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["experiment=tabular", "dataset.n_prompts=30", "sampling.num_samples=16", "algorithm.pairs_per_prompt=16",
@@ -143,7 +143,7 @@ def test_chartable_scalars_and_one_name_per_kind(tmp_path):
 @pytest.mark.fast
 def test_the_group_is_the_folder_however_it_is_written_and_the_key_what_decides_results(tmp_path, monkeypatch):
     from alignment.jobs import job_key
-    from alignment.report import sweep_group
+    from alignment.sweep import sweep_group
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs" / "multirun" / "d" / "t").mkdir(parents=True)

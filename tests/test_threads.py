@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from alignment.config import _jobs_at_once
+from alignment.hydra_app import _jobs_at_once
 from alignment.threads import default_threads, set_threads
 
 pytestmark = pytest.mark.fast

@@ -1,4 +1,4 @@
-"""Round-trip tests for alignment.wandb_offline: log with real wandb (offline, no network), read back."""
+"""Round-trip tests for tests/wandb_offline.py: log with real wandb (offline, no network), read back."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from alignment.wandb_offline import OfflineRun, find_offline_runs, iter_records, read_offline_run
+from tests.wandb_offline import OfflineRun, find_offline_runs, iter_records, read_offline_run
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402

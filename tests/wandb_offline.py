@@ -1,5 +1,8 @@
 """Read W&B offline runs back from disk, without network or account.
 
+A test helper: the tests read back what a run logged to W&B (tests/test_app.py, tests/test_sweeps.py, ...);
+the harness itself never reads its runs back, so this is not part of the package.
+
 Recent wandb versions (the Go ``wandb-core`` backend) no longer write ``config.yaml`` or
 ``wandb-summary.json`` for offline runs.  Everything a run logged lives in its transaction log
 ``<dir>/wandb/offline-run-<YYYYmmdd_HHMMSS>-<id>/run-<id>.wandb``, which this module parses.
