@@ -21,3 +21,16 @@ def percentile_interval(draws: np.ndarray, level: float) -> list:
     """[low, high] of :func:`percentile_bounds`, as lists (or floats) for JSON."""
     lo, hi = percentile_bounds(draws, level)
     return [np.asarray(lo).tolist(), np.asarray(hi).tolist()]
+
+
+def hierarchical_interval(draws: list[np.ndarray], level: float, *, n_boot: int = 2000, seed: int = 0
+                          ) -> tuple[float, float]:
+    """Percentile interval of the mean over seeds, resampling seeds and then each seed's prompt-bootstrap
+    draws (a two-level bootstrap). With one seed it would only approximate that seed's prompt interval (a
+    resample of its draws), so ``sweep_points`` takes a single run's interval from its summary instead."""
+    rng = np.random.default_rng(seed)
+    s = len(draws)
+    picks = rng.integers(0, s, size=(n_boot, s))
+    values = np.array([[d[rng.integers(0, len(d))] for d in (draws[i] for i in row)] for row in picks]).mean(axis=1)
+    low, high = percentile_bounds(values, level)
+    return float(low), float(high)

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from alignment.intervals import hierarchical_interval
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -119,20 +121,6 @@ class Point:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
-
-def hierarchical_interval(draws: list[np.ndarray], level: float, *, n_boot: int = 2000, seed: int = 0
-                          ) -> tuple[float, float]:
-    """Percentile interval of the mean over seeds, resampling seeds and then each seed's prompt-bootstrap
-    draws (a two-level bootstrap). With one seed it would only approximate that seed's prompt interval (a
-    resample of its draws), so ``sweep_points`` takes a single run's interval from its summary instead."""
-    rng = np.random.default_rng(seed)
-    s = len(draws)
-    picks = rng.integers(0, s, size=(n_boot, s))
-    values = np.array([[d[rng.integers(0, len(d))] for d in (draws[i] for i in row)] for row in picks]).mean(axis=1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(values, [alpha, 1 - alpha])
-    return float(low), float(high)
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:

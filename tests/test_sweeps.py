@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from alignment.figures import make_figures
-from alignment.sweep import hierarchical_interval, load_sweep, pareto_mask, sweep_points
+from alignment.intervals import hierarchical_interval
+from alignment.sweep import load_sweep, pareto_mask, sweep_points
 from alignment.threads import available_cores
 from tests.wandb_offline import find_offline_runs, read_offline_run
 
