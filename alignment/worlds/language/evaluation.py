@@ -7,41 +7,47 @@ from __future__ import annotations
 import json
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from alignment.config import EvalConfig
 from alignment.intervals import percentile_interval
-from alignment.store import atomic_write_json, content_digest
+from alignment.sampling import Samples
+from alignment.store import ArtifactStore, atomic_write_json, content_digest
 from alignment.worlds.base import paired_gain
-from alignment.worlds.language.model import TrainedAdapter
-
-if TYPE_CHECKING:
-    from alignment.worlds.language.world import LanguageWorld
+from alignment.worlds.language.model import PolicyModel, TrainedAdapter
+from alignment.worlds.language.prompts import PromptSplit
 
 
-def evaluate_held_out(world: LanguageWorld, policy: TrainedAdapter | None, rng: np.random.Generator,
-                      tracker: Any) -> dict[str, Any]:
-    """Held-out prompts: samples of the trained policy and of π_ref, scored; gains, KL estimate and win
-    rates with bootstrap CIs over prompts, and a table of generations."""
+class CachedStages(Protocol):
+    """The language world's cached sampling and scoring (``LanguageWorld``), which evaluation reuses."""
+
+    def generate(self, stage: str, prompts: list[str], num_samples: int, seed: int, *,
+                 adapter: TrainedAdapter | None) -> Samples: ...
+
+    def score_texts(self, prompts: list[str], responses: list[list[str]]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def evaluate_held_out(stages: CachedStages, model: PolicyModel, prompts: list[str], e: EvalConfig,
+                      policy: TrainedAdapter | None, rng: np.random.Generator, tracker: Any) -> dict[str, Any]:
+    """Held-out ``prompts``: ``e.num_samples`` samples each of the trained policy and of π_ref, scored; gains, KL
+    estimate and win rates with bootstrap CIs over prompts, and a table of generations."""
     from alignment.policies import sequence_logprob
 
-    e, model = world.evaluation, world.model
-    handle = model.handle
+    handle, max_length = model.handle, model.config.max_length
     m = e.num_samples
-    prompts = world.eval_prompts
     seed = int(rng.integers(0, 2**31 - 1))
-    ref = world.generate("eval_samples", prompts, m, seed, adapter=None)
-    generated = world.generate("eval_samples", prompts, m, seed, adapter=policy)
-    ref_r, ref_g = world.score_texts(prompts, ref)
-    pol_r, pol_g = world.score_texts(prompts, generated)
+    ref = stages.generate("eval_samples", prompts, m, seed, adapter=None)
+    generated = stages.generate("eval_samples", prompts, m, seed, adapter=policy)
+    ref_r, ref_g = stages.score_texts(prompts, ref)
+    pol_r, pol_g = stages.score_texts(prompts, generated)
     flat_p = [p for p in prompts for _ in range(m)]
     flat_y = [y for row in generated for y in row]
     with model.acting_as(policy):
-        logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=world.model_cfg.max_length)
+        logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length)
     with handle.reference():
-        ref_logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y,
-                                    max_length=world.model_cfg.max_length)
+        ref_logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length)
     kl_per_prompt = (logp - ref_logp).numpy().reshape(len(prompts), m).mean(axis=1)
     n = len(prompts)
     idx = rng.integers(0, n, size=(e.bootstrap, n))
@@ -78,22 +84,23 @@ def evaluate_held_out(world: LanguageWorld, policy: TrainedAdapter | None, rng: 
     }
 
 
-def lmeval_entries(world: LanguageWorld, policy: TrainedAdapter | None) -> dict[str, float]:
-    """lm-eval on π_ref and on the policy (``eval.lmeval``): refusal on held-out harmful prompts,
-    over-refusal on held-out benign ones, a small capability task, and any named lm-eval task."""
-    e = world.evaluation
+def lmeval_entries(model: PolicyModel, model_id: dict[str, Any], split: PromptSplit, e: EvalConfig, seed: int,
+                   store: ArtifactStore, policy: TrainedAdapter | None) -> dict[str, float]:
+    """lm-eval on π_ref and on the policy (``eval.lmeval``): refusal on the held-out harmful prompts of
+    ``split``, over-refusal on its held-out benign ones, a small capability task, and any named lm-eval task;
+    ``seed``: the dataset's (the task files' order). Cached per model like any stage."""
     if not e.lmeval:
         return {}
     from alignment.lmeval import run_lmeval, summary_entries, write_tasks
 
-    flags = world.prompts.held_out_harmful
+    flags = split.held_out_harmful
     if flags is None:
         raise ValueError("eval.lmeval: this dataset does not say which held-out prompts are harmful; "
                          "use dataset=toy or dataset=real-prompts, or set eval.lmeval=false")
-    prompts, seed = world.eval_prompts, world.dataset.seed
+    prompts = split.held_out
     harmful = [p for p, h in zip(prompts, flags) if h]
     benign = [p for p, h in zip(prompts, flags) if not h]
-    task_dir = write_tasks(world.store.root / "lmeval_tasks" / content_digest([harmful, benign, e.lmeval_max_gen_toks])[:16],
+    task_dir = write_tasks(store.root / "lmeval_tasks" / content_digest([harmful, benign, e.lmeval_max_gen_toks])[:16],
                            harmful, benign, max_gen_toks=e.lmeval_max_gen_toks, seed=seed)
     # The task files' contents (data, YAML, metric code): an edit to any of them is a different evaluation.
     task_digest = content_digest([[p.name, p.read_text()] for p in sorted(task_dir.glob("*")) if p.is_file()])
@@ -101,16 +108,16 @@ def lmeval_entries(world: LanguageWorld, policy: TrainedAdapter | None) -> dict[
     def results(adapter: TrainedAdapter | None) -> dict[str, float]:
         """One model's results, cached like any stage: π_ref's are shared by every run on these prompts,
         and a rerun of a finished run does not evaluate again (lm-eval's generation is greedy)."""
-        spec = {"model": world.model_id, "adapter": adapter and adapter.key, "tasks": list(e.lmeval_tasks),
+        spec = {"model": model_id, "adapter": adapter and adapter.key, "tasks": list(e.lmeval_tasks),
                 "limit": e.lmeval_limit, "task_files": task_digest, "seed": seed, "lm_eval": version("lm_eval")}
 
         def compute(out: Path) -> None:
-            handle = world.model.handle
-            with world.model.acting_as(adapter):
+            handle = model.handle
+            with model.acting_as(adapter):
                 found = run_lmeval(handle.model, handle.tokenizer, task_dir, e.lmeval_tasks, limit=e.lmeval_limit)
             atomic_write_json(out / "results.json", found)
 
-        entry = world.store.get_or_compute("lmeval", spec, compute=compute, version="1")
+        entry = store.get_or_compute("lmeval", spec, compute=compute, version="1")
         return json.loads((entry.path / "results.json").read_text())
 
     return summary_entries(results(policy), results(None))

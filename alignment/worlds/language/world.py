@@ -25,6 +25,7 @@ from alignment.sampling import Samples
 from alignment.store import ArtifactStore, atomic_write_json, content_digest
 from alignment.training import Objective, objective_for, train_items
 from alignment.worlds.base import TrainingRun
+from alignment.worlds.language.evaluation import evaluate_held_out, lmeval_entries
 from alignment.worlds.language.model import PolicyModel, TrainedAdapter, resolve_model
 from alignment.worlds.language.prompts import load_prompts
 
@@ -368,7 +369,7 @@ class LanguageWorld:
                  tracker: Any) -> dict[str, Any]:
         """Held-out prompts (alignment/worlds/language/evaluation.py); ``lam`` and ``beta`` are not used: the
         target π_λ has no closed form over free text."""
-        from alignment.worlds.language.evaluation import evaluate_held_out, lmeval_entries
-
-        held_out = evaluate_held_out(self, policy, rng, tracker)
-        return {**lmeval_entries(self, policy), **held_out}  # lm-eval after the samples, its keys first
+        held_out = evaluate_held_out(self, self.model, self.eval_prompts, self.evaluation, policy, rng, tracker)
+        lmeval = lmeval_entries(self.model, self.model_id, self.prompts, self.evaluation, self.dataset.seed,
+                                self.store, policy)
+        return {**lmeval, **held_out}  # lm-eval after the samples, its keys first
