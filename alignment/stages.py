@@ -329,7 +329,7 @@ class LanguageStages:
             return self._real_prompts()
         if d.kind != "toy":
             raise ValueError(f"dataset.kind: {d.kind!r} is not a language-model world; use toy or pku")
-        from alignment.toy import make_toy_world
+        from alignment.worlds.toy import make_toy_world
 
         world = make_toy_world(d.seed, d.n_prompts, d.harmful_fraction, test_fraction=d.test_fraction)
         self.toy_world = world
@@ -401,7 +401,7 @@ class LanguageStages:
     def _resolve_model(self) -> tuple[HFModelConfig, dict[str, Any]]:
         m = self.cfg.model
         if isinstance(m, ToyModelConfig):
-            from alignment.toy import TOY_VERSION, build_reference
+            from alignment.worlds.toy import TOY_VERSION, build_reference
 
             d = self.cfg.dataset
             spec = {"world": {"seed": d.seed, "n_prompts": d.n_prompts, "harmful_fraction": d.harmful_fraction,

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignment import toy
+from alignment.worlds import toy
 
 pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
 
-# Offline before anything imports transformers (alignment.toy imports it lazily, inside functions): without
-# these a hub lookup retries for ~23 s before failing.
+# Offline before anything imports transformers (alignment.worlds.toy imports it lazily, inside functions):
+# without these a hub lookup retries for ~23 s before failing.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
