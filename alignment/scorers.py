@@ -25,7 +25,7 @@ TextScore = Callable[..., np.ndarray]  # (prompts, responses) -> [B]; model scor
 
 
 def _gold_scorers() -> dict[str, TextScore]:
-    from alignment import toy
+    from alignment.worlds import toy
 
     return {"toy/helpfulness": toy.score_helpfulness, "toy/safety": toy.score_safety}
 

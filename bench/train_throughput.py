@@ -33,7 +33,7 @@ def make_model(out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignment.toy import build_tokenizer
+    from alignment.worlds.toy import build_tokenizer
 
     tok = build_tokenizer(out_dir=out)
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def make_model(out: Path) -> None:
 
 def make_pairs(n: int) -> list[dict[str, str]]:
     """Toy prompts with a safe/helpful chosen response and a less preferred rejected one (gold scores)."""
-    from alignment.toy import demonstrations, make_toy_world, score_helpfulness, score_safety
+    from alignment.worlds.toy import demonstrations, make_toy_world, score_helpfulness, score_safety
 
     world = make_toy_world(0, 240, 0.5)
     demos = demonstrations(world, seed=0, per_prompt=8)

@@ -20,7 +20,7 @@ def tiny_lm(tmp_path_factory):
     """A randomly initialised 2-layer Llama with the toy world's word-level tokenizer, saved like any model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignment.toy import build_tokenizer
+    from alignment.worlds.toy import build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_lm")
     tok = build_tokenizer(out_dir=out)

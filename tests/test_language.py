@@ -100,7 +100,7 @@ def test_model_scorer_negates_a_cost_model(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from alignment.score_models import load_score_model, score_texts
-    from alignment.toy import build_tokenizer
+    from alignment.worlds.toy import build_tokenizer
 
     tok = build_tokenizer(out_dir=tmp_path)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,

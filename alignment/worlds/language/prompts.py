@@ -45,7 +45,7 @@ def load_prompts(dataset: Any, store: ArtifactStore, *, max_held_out: int | None
 
 
 def _toy_prompts(d: Any, max_held_out: int | None) -> PromptSplit:
-    from alignment.toy import make_toy_world
+    from alignment.worlds.toy import make_toy_world
 
     world = make_toy_world(d.seed, d.n_prompts, d.harmful_fraction, test_fraction=d.test_fraction)
     train = [p.text for p in world.select(split="train")]
