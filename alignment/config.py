@@ -139,7 +139,7 @@ class ScorerConfig:
 
 @dataclass
 class ToyDatasetConfig:
-    """The synthetic toy safety world (alignment/toy.py): benign and harmful prompts, made by code."""
+    """The synthetic toy safety world (alignment/worlds/toy/): benign and harmful prompts, made by code."""
 
     kind: str = "toy"
     name: str = "toy"

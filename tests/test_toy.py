@@ -348,7 +348,8 @@ def test_reference_build_stats_and_files(small_reference: tuple[Path, dict]) -> 
     assert stats["steps"] == 60 and len(stats["losses"]) == 60
     assert stats["loss_initial"] > 5.0  # ~log(vocab) at initialisation
     assert stats["loss_final"] < 0.4 * stats["loss_initial"]
-    assert stats["seconds"] < 60
+    # Wall time is recorded, not bounded: a bound would test the machine's load (bench/ measures speed).
+    assert stats["seconds"] > 0
     for name in ("model.safetensors", "config.json", "tokenizer.json", "toy_reference.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "toy_reference.json").read_text())["n_params"] == stats["n_params"]

@@ -4,60 +4,64 @@ policy changes every step."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from alignment.compute import ComputeMeter
+from alignment.config import SamplingConfig
 from alignment.sampling import Samples
-
-if TYPE_CHECKING:
-    from alignment.worlds.language.world import LanguageWorld
+from alignment.worlds.language.model import PolicyModel
 
 
 class LanguageRollouts:
-    def __init__(self, world: LanguageWorld):
-        self.world = world
-        self.compute = world.compute
+    """Rollouts on ``prompts`` (the dual's) with ``model``'s tokenizer and ``sampling``'s settings, scored by
+    the world's scorers; the work is counted in the world's ``compute``."""
+
+    def __init__(self, prompts: list[str], model: PolicyModel, sampling: SamplingConfig,
+                 reward_scorer: Callable[..., np.ndarray], safety_scorers: Sequence[Callable[..., np.ndarray]],
+                 compute: ComputeMeter):
+        self.prompts, self.model, self.sampling = prompts, model, sampling
+        self.reward_scorer, self.safety_scorers = reward_scorer, list(safety_scorers)
+        self.compute = compute
 
     def rollout(self, model: nn.Module, rows: np.ndarray, k: int, generator: torch.Generator) -> Samples:
         from alignment.sampling import GenerationSpec, sample_responses
 
-        w, s = self.world, self.world.sampling
+        s = self.sampling
         gen = GenerationSpec(num_samples=k, temperature=s.temperature, top_p=s.top_p,
                              max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         # Always hf: the policy changes every step, in memory; an engine would need its weights pushed each step.
-        responses = sample_responses(model, w.model.tokenizer, [w.sample_prompts[i] for i in rows],
+        responses = sample_responses(model, self.model.tokenizer, [self.prompts[i] for i in rows],
                                      gen, seed=seed, progress=False)
-        self.compute.add(generated_tokens=w.model.response_tokens(responses, s.max_new_tokens),
+        self.compute.add(generated_tokens=self.model.response_tokens(responses, s.max_new_tokens),
                          policy_samples=len(rows) * k)
         return responses
 
     def rollout_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
         from alignment.policies import encode_pairs, token_logprob_sum
 
-        w = self.world
-        flat_p = [w.sample_prompts[i] for i, row in zip(rows, responses) for _ in row]
+        flat_p = [self.prompts[i] for i, row in zip(rows, responses) for _ in row]
         flat_y = [y for row in responses for y in row]
-        enc = encode_pairs(w.model.tokenizer, flat_p, flat_y, max_length=w.model_cfg.max_length)
+        enc = encode_pairs(self.model.tokenizer, flat_p, flat_y, max_length=self.model.config.max_length)
         tokens = int(enc["attention_mask"].sum())
         self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
         return token_logprob_sum(model, enc).double().reshape(len(rows), -1)
 
     @torch.no_grad()
     def rollout_ref_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
-        with self.world.model.handle.reference():
+        with self.model.handle.reference():
             return self.rollout_logprob(model, rows, responses)
 
     def rollout_scores(self, rows: np.ndarray, responses: Samples) -> tuple[np.ndarray, np.ndarray]:
-        w = self.world
-        flat_p = [w.sample_prompts[i] for i, row in zip(rows, responses) for _ in row]
+        flat_p = [self.prompts[i] for i, row in zip(rows, responses) for _ in row]
         flat_y = [y for row in responses for y in row]
         ended = getattr(responses, "ended", None)
         flat_e = None if ended is None else [e for row in ended for e in row]
         self.compute.add(scorer_calls=len(flat_y))
-        reward = w.reward_scorer(flat_p, flat_y, ended=flat_e)
-        safety = np.stack([s(flat_p, flat_y, ended=flat_e) for s in w.safety_scorers], axis=-1)
+        reward = self.reward_scorer(flat_p, flat_y, ended=flat_e)
+        safety = np.stack([s(flat_p, flat_y, ended=flat_e) for s in self.safety_scorers], axis=-1)
         return reward.reshape(len(rows), -1), safety.reshape(len(rows), len(responses[0]), -1)

@@ -28,6 +28,7 @@ from alignment.worlds.base import TrainingRun
 from alignment.worlds.language.evaluation import evaluate_held_out, lmeval_entries
 from alignment.worlds.language.model import PolicyModel, TrainedAdapter, resolve_model
 from alignment.worlds.language.prompts import load_prompts
+from alignment.worlds.language.rollouts import LanguageRollouts
 
 
 def _complete(rows: list[list[str]]) -> Samples:
@@ -50,7 +51,6 @@ class LanguageWorld:
                  evaluation: EvalConfig, *, seed: int, cache_dir: str, store: ArtifactStore):
         from alignment.sampling import require_backend
         from alignment.scorers import build_scorer
-        from alignment.worlds.language.rollouts import LanguageRollouts
 
         require_backend(sampling.backend)  # a missing vLLM fails here, before any work
         self.dataset, self.scorer, self.sampling, self.evaluation = dataset, scorer, sampling, evaluation
@@ -69,7 +69,8 @@ class LanguageWorld:
         # A scorer that appends EOS to the responses that ended needs to know which did (alignment/scorers.py).
         self._scores_need_ended = any(s.append_eos for s in [self.reward_scorer, *self.safety_scorers])
         self.compute = ComputeMeter()
-        self.rollouts = LanguageRollouts(self)
+        self.rollouts = LanguageRollouts(self.sample_prompts, self.model, sampling, self.reward_scorer,
+                                         self.safety_scorers, self.compute)
 
     @property
     def prompt_record(self) -> dict[str, Any] | None:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from alignment.worlds.toy.world import ToyPrompt
 
 Style = Literal["helpful", "over_refusal", "safe_redirect", "harmful", "low_effort"]
 STYLES: tuple[Style, ...] = ("helpful", "over_refusal", "safe_redirect", "harmful", "low_effort")
@@ -386,6 +383,23 @@ _STEP_MARKERS = frozenset({"first", "then", "next", "finally"})
 _CHAT_WORDS = ("user", "assistant", "system", ":")
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass(frozen=True)
+class ToyPrompt:
+    """One user request. ``category`` is the harm category, or ``"benign"``; ``topic`` is the benign topic,
+    or the harm category again for a harmful prompt (its subject matter). ``split`` is "train" or "test"."""
+
+    id: str
+    text: str
+    is_harmful: bool
+    category: str
+    topic: str
+    split: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 
 def _pick(rng: np.random.Generator, items: Sequence[str], k: int) -> list[str]:

@@ -2,13 +2,13 @@
 :func:`make_toy_world`) and π_ref's demonstrations on them (:func:`demonstrations`).
 
 Separate because this is the only seeded part: the content and scorers are fixed, the world is what a
-``dataset.seed`` chooses, and it is what the stages (alignment/stages.py) load as the toy dataset.
+``dataset.seed`` chooses, and it is what the language world (alignment/worlds/language/prompts.py) loads as the toy dataset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +24,10 @@ from alignment.worlds.toy.content import (
     TOPICS,
     TOY_VERSION,
     Style,
+    ToyPrompt,
     render_response,
     vocabulary,
 )
-
-
-@dataclass(frozen=True)
-class ToyPrompt:
-    """One user request. ``category`` is the harm category, or ``"benign"``; ``topic`` is the benign topic,
-    or the harm category again for a harmful prompt (its subject matter). ``split`` is "train" or "test"."""
-
-    id: str
-    text: str
-    is_harmful: bool
-    category: str
-    topic: str
-    split: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
