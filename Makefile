@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine: `make run` (default experiment) and `make test`.
 # Both create .venv on first use and install exactly the versions in requirements.lock (with the
 # project itself editable). torch is in the lock like everything else: on this kind of machine pip
-# takes the local CPU build of the pinned release; see README "Installing by hand, and GPUs".
+# takes the local CPU build of the pinned release; see docs/environment.md.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python

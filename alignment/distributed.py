@@ -235,7 +235,7 @@ def launcher_argv(argv: list[str], environ: dict[str, str] | None = None) -> lis
     if rank > 0:
         if any(a in ("-m", "--multirun") for a in out):
             raise SystemExit("run.py: a multirun cannot be launched under accelerate/torchrun; launch each job "
-                             "with its own `accelerate launch` (hydra/launcher=slurm does, see README)")
+                             "with its own `accelerate launch` (hydra/launcher=slurm does, see docs/scaling-out.md)")
         scratch = scratch_run_dir(rank)
         out += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                 "hydra/hydra_logging=disabled"]

