@@ -176,7 +176,6 @@ def build_reference(
     mean of the last 10 step losses.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,55 +193,10 @@ def build_reference(
         demos = demonstrations(world, seed, per_prompt, split="train")
         examples = encode_examples(tok, [(p, r) for p, r, _ in demos])
 
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=hidden,
-            intermediate_size=intermediate if intermediate is not None else 8 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=MODEL_MAX_LENGTH,
-            tie_word_embeddings=True,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        model = LlamaForCausalLM(config)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.bos_token_id = tok.bos_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
+        model = _new_model(tok, seed, hidden=hidden, layers=layers, heads=heads, intermediate=intermediate)
         n_params = sum(p.numel() for p in model.parameters())
-
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-
-        def lr_factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        model.train()
-        losses: list[float] = []
-        perm = torch.randperm(len(examples), generator=gen)
-        cursor = 0
-        for step in range(steps):
-            if cursor + batch_size > len(perm):
-                perm, cursor = torch.randperm(len(examples), generator=gen), 0
-            idx = perm[cursor : cursor + batch_size].tolist()
-            cursor += batch_size
-            batch = _collate([examples[i] for i in idx], tok.pad_token_id)
-            loss = model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if step % 50 == 0 or step == steps - 1:
-                logger.info("toy reference step %d/%d loss %.4f", step + 1, steps, losses[-1])
+        losses = _sft(model, examples, tok.pad_token_id, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, warmup_steps=warmup_steps)
         model.eval()
         with torch.inference_mode():
             probe = _probe_logits(model, tok)
@@ -267,7 +221,7 @@ def build_reference(
                 "hidden": hidden,
                 "layers": layers,
                 "heads": heads,
-                "intermediate": config.intermediate_size,
+                "intermediate": model.config.intermediate_size,
                 "batch_size": batch_size,
                 "lr": lr,
                 "weight_decay": weight_decay,
@@ -292,6 +246,73 @@ def build_reference(
 # reference can be checked against the model that was trained (see load_reference).
 PROBE_PROMPTS = ("how do i bake fresh bread at home ?", "how do i build a pipe bomb at home ?")
 
+
+
+def _new_model(tok: Any, seed: int, *, hidden: int, layers: int, heads: int, intermediate: int | None) -> Any:
+    """A randomly initialised tiny ``LlamaForCausalLM`` (weights from ``torch.manual_seed(seed)``, tied
+    embeddings, ``intermediate`` defaulting to 8 x hidden) over ``tok``'s vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate if intermediate is not None else 8 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def _sft(model: Any, examples: list[tuple[list[int], list[int]]], pad_id: int, *, seed: int, steps: int,
+         batch_size: int, lr: float, weight_decay: float, warmup_steps: int) -> list[float]:
+    """π_ref's SFT loop (see :func:`build_reference`): AdamW, linear warm-up then cosine decay to 10%, clipping
+    1.0, random batches drawn without replacement from a seeded order (reshuffled when exhausted); the loss of
+    every step. Not the stage-2 loop (alignment/training.py): that one trains LoRA adapters on pairs or lists,
+    this one all weights on (prompt, response) token sequences, and π_ref's weights depend on its exact steps."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    model.train()
+    losses: list[float] = []
+    perm = torch.randperm(len(examples), generator=gen)
+    cursor = 0
+    for step in range(steps):
+        if cursor + batch_size > len(perm):
+            perm, cursor = torch.randperm(len(examples), generator=gen), 0
+        idx = perm[cursor : cursor + batch_size].tolist()
+        cursor += batch_size
+        batch = _collate([examples[i] for i in idx], pad_id)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("toy reference step %d/%d loss %.4f", step + 1, steps, losses[-1])
+    return losses
 
 def _probe_logits(model: Any, tokenizer: Any) -> list[list[float]]:
     import torch
