@@ -45,20 +45,77 @@ class ComputeMeter:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
+def _resident_peak_mb() -> float | None:
+    """The process's resident-set high-water mark (VmHWM), MB; None where /proc is not available."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_resident_peak() -> bool:
+    """Reset VmHWM to the current resident size (Linux: ``echo 5 > /proc/self/clear_refs``), so the next read is
+    the peak since now; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _max_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB elsewhere
+
+
 @dataclass
 class StageTimer:
-    """Wall seconds per stage, as ``time/<stage>``: the one timer of a run (experiment and algorithms share it).
+    """Wall seconds and peak resident memory per stage: ``time/<stage>`` and ``memory/<stage>`` (MB), the one
+    timer of a run (experiment and algorithms share it); ``memory/peak`` is the whole run's.
 
-    A stage entered several times adds up (every training of an iterative algorithm is ``train``); a stage
-    that raises still counts the time it took."""
+    A stage entered several times adds up its seconds (every training of an iterative algorithm is ``train``)
+    and keeps its largest peak; a stage that raises still counts. The peak of a stage is the process's resident
+    high-water mark reset when the stage starts (Linux); where that reset is not available, it is the peak of
+    the process so far (an upper bound)."""
 
     times: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+    _open: dict[str, float] = field(default_factory=dict)  # running peak of each stage in progress
+
+    def memory_now(self) -> None:
+        """Fold the peak since the last stage into ``memory/peak``."""
+        self._fold()
+        self.memory["memory/peak"] = round(self.memory["memory/peak"], 1)
+
+    def _fold(self) -> float:
+        """The high-water mark since the last reset, into every open stage's running peak (and the run's)."""
+        now = _resident_peak_mb()
+        now = _max_rss_mb() if now is None else now
+        for stage in self._open:
+            self._open[stage] = max(self._open[stage], now)
+        self.memory["memory/peak"] = max(self.memory.get("memory/peak", 0.0), now)
+        return now
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        self._fold()
+        _reset_resident_peak()
+        self._open[stage] = 0.0
         start = time.perf_counter()
         try:
             yield
         finally:
             key = f"time/{stage}"
             self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
+            self._fold()
+            peak = self._open.pop(stage)
+            self.memory[f"memory/{stage}"] = round(max(self.memory.get(f"memory/{stage}", 0.0), peak), 1)
+            self.memory["memory/peak"] = round(self.memory["memory/peak"], 1)

@@ -85,7 +85,8 @@ def chartable(summary: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, f
 
 # The summary's keys logged to the tracker's history at the end of a run (chartable above; the dual's and the
 # predictions' are logged as soon as the dual is solved).
-FINAL_METRICS = ("margin", "dual/", "predicted/", "eval/", "insample/", "fit/", "time/", "compute/", "lmeval")
+FINAL_METRICS = ("margin", "dual/", "predicted/", "eval/", "insample/", "fit/", "time/", "memory/", "compute/",
+                 "lmeval")
 
 
 def tracker_settings(cfg: Config, run_dir: Path, resolved: dict[str, Any], group: str | None,
@@ -323,6 +324,8 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
     finally:
         summary.update({f"time/{stage}": 0.0 for stage in TIME_STAGES})
         summary.update(timer.times)
+        timer.memory_now()  # whatever ran outside a stage counts in the run's peak
+        summary.update(timer.memory)
         if world is not None:
             summary.update(compute_spent or world.compute.summary())
             summary["compute/wall_seconds"] = sum(v for k, v in timer.times.items() if k != "time/evaluate")
@@ -439,5 +442,9 @@ def format_report(summary: dict[str, Any]) -> str:
          f"{summary['compute/forward_tokens']:,} forward / {summary['compute/backward_tokens']:,} backward tokens, "
          f"{summary['compute/scorer_calls']:,} scorer calls, {summary['compute/wall_seconds']:.1f} s"
          if compute is not None else "compute: -"),
+        *([f"memory: peak {summary['memory/peak'] / 1024:.2f} GB resident ("
+           + ", ".join(f"{k.split('/', 1)[1]} {v / 1024:.2f}" for k, v in summary.items()
+                       if k.startswith("memory/") and k != "memory/peak") + ")"]
+          if summary.get("memory/peak") is not None else []),
         "cache: " + (", ".join(summary.get("cache/events", [])) or "no cached stages"),
     ])
