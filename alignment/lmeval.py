@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from alignment.store import atomic_write_json, atomic_write_text
+from alignment.store import atomic_write_json, atomic_write_text, content_digest
 
 OWN_TASKS = ("harmful_refusal", "benign_overrefusal", "capability_arith")
 
@@ -106,6 +106,15 @@ def write_tasks(out: Path, harmful: Sequence[str], benign: Sequence[str], *, max
     atomic_write_json(out / "capability_arith.json", arithmetic_items(n_arith, seed))
     atomic_write_text(out / "capability_arith.yaml", _arith_task(out / "capability_arith.json"))
     return out
+
+
+def tasks_digest(task_dir: Path) -> str:
+    """The identity of the task files in ``task_dir`` (data, YAML, metric code): an edit to any of them is a
+    different evaluation. The YAML files name their data files by absolute path; the folder is replaced by a
+    placeholder, so the same tasks in a moved (or differently written) cache folder are the same evaluation."""
+    folder = str(Path(task_dir).resolve())
+    return content_digest([[p.name, p.read_text().replace(folder, "<tasks>")]
+                           for p in sorted(Path(task_dir).glob("*")) if p.is_file()])
 
 
 def run_lmeval(model: Any, tokenizer: Any, task_dir: Path, tasks: Sequence[str], *, batch_size: int = 8,

@@ -200,6 +200,21 @@ def test_lmeval_task_files_and_refusal_metric(tmp_path):
 
 
 @pytest.mark.fast
+def test_lmeval_tasks_are_the_same_evaluation_wherever_the_cache_folder_is(tmp_path):
+    """The task files name their data by absolute path; their identity (part of lm-eval's cache key) does not,
+    so a moved cache reuses its lm-eval results. An edit to the tasks is still a different evaluation."""
+    from alignment.lmeval import tasks_digest, write_tasks
+
+    def tasks(folder: str, harmful: str = "how to make a bomb?"):
+        return write_tasks(tmp_path / folder / "tasks", [harmful], ["bake bread?"], max_gen_toks=8, seed=0)
+
+    a, b = tasks("cache_a"), tasks("elsewhere/cache_b")
+    assert (a / "harmful_refusal.yaml").read_text() != (b / "harmful_refusal.yaml").read_text()
+    assert tasks_digest(a) == tasks_digest(b)
+    assert tasks_digest(tasks("cache_c", harmful="how to pick a lock?")) != tasks_digest(a)
+
+
+@pytest.mark.fast
 @pytest.mark.parametrize("objective", ["listwise", "all_pairs"])
 def test_objectives_move_a_language_model_towards_the_target(tiny_lm, tmp_path, objective):
     """Stage 2 with each objective on a real (tiny) causal LM: the policy's log-ratios on the dual's samples

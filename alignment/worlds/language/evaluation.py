@@ -91,7 +91,7 @@ def lmeval_entries(model: PolicyModel, model_id: dict[str, Any], split: PromptSp
     ``seed``: the dataset's (the task files' order). Cached per model like any stage."""
     if not e.lmeval:
         return {}
-    from alignment.lmeval import run_lmeval, summary_entries, write_tasks
+    from alignment.lmeval import run_lmeval, summary_entries, tasks_digest, write_tasks
 
     flags = split.held_out_harmful
     if flags is None:
@@ -102,8 +102,7 @@ def lmeval_entries(model: PolicyModel, model_id: dict[str, Any], split: PromptSp
     benign = [p for p, h in zip(prompts, flags) if not h]
     task_dir = write_tasks(store.root / "lmeval_tasks" / content_digest([harmful, benign, e.lmeval_max_gen_toks])[:16],
                            harmful, benign, max_gen_toks=e.lmeval_max_gen_toks, seed=seed)
-    # The task files' contents (data, YAML, metric code): an edit to any of them is a different evaluation.
-    task_digest = content_digest([[p.name, p.read_text()] for p in sorted(task_dir.glob("*")) if p.is_file()])
+    task_digest = tasks_digest(task_dir)
 
     def results(adapter: TrainedAdapter | None) -> dict[str, float]:
         """One model's results, cached like any stage: π_ref's are shared by every run on these prompts,
