@@ -322,7 +322,8 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         summary.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
         raise
     finally:
-        summary.update({f"time/{stage}": 0.0 for stage in TIME_STAGES})
+        # Every algorithm has the same keys: a stage it does not have reads 0 s and 0 MB.
+        summary.update({f"{kind}/{stage}": 0.0 for kind in ("time", "memory") for stage in TIME_STAGES})
         summary.update(timer.times)
         timer.memory_now()  # whatever ran outside a stage counts in the run's peak
         summary.update(timer.memory)
@@ -444,7 +445,7 @@ def format_report(summary: dict[str, Any]) -> str:
          if compute is not None else "compute: -"),
         *([f"memory: peak {summary['memory/peak'] / 1024:.2f} GB resident ("
            + ", ".join(f"{k.split('/', 1)[1]} {v / 1024:.2f}" for k, v in summary.items()
-                       if k.startswith("memory/") and k != "memory/peak") + ")"]
+                       if k.startswith("memory/") and k != "memory/peak" and v) + ")"]
           if summary.get("memory/peak") is not None else []),
         "cache: " + (", ".join(summary.get("cache/events", [])) or "no cached stages"),
     ])
