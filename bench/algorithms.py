@@ -58,18 +58,20 @@ def interval(summary: dict, key: str) -> str:
 def table(results: dict[str, dict]) -> str:
     peer = results.get("mocan")
     lines = ["| algorithm | training runs | generated tokens | forward tokens | backward tokens | scorer calls | "
-             "wall s | x MoCAN (fwd+bwd tokens) | λ | constraint met | safety gain [95% CI] | "
+             "wall s | peak GB | x MoCAN (fwd+bwd tokens) | λ | constraint met | safety gain [95% CI] | "
              "reward gain [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in results.items():
         tokens = s["compute/forward_tokens"] + s["compute/backward_tokens"]
         ratio = (f"{tokens / (peer['compute/forward_tokens'] + peer['compute/backward_tokens']):.2f}"
                  if peer else "-")
         lam = ", ".join(f"{v:.3f}" for v in s["dual/lambda"]) if s["dual/lambda"] is not None else "-"
         wall = s["compute/wall_seconds"] - s["time/setup"]
+        # The run's peak resident memory (alignment/compute.py: each stage's high-water mark is its own).
+        peak = f"{s['memory/peak'] / 1024:.2f}" if s.get("memory/peak") else "-"
         lines.append(f"| {name} | {s['compute/training_runs']} | {s['compute/generated_tokens']:,} | "
                      f"{s['compute/forward_tokens']:,} | {s['compute/backward_tokens']:,} | "
-                     f"{s['compute/scorer_calls']:,} | {wall:.0f} | {ratio} | {lam} | "
+                     f"{s['compute/scorer_calls']:,} | {wall:.0f} | {peak} | {ratio} | {lam} | "
                      f"{s['eval/constraint_met']} | {interval(s, 'eval/safety_gain')} | "
                      f"{interval(s, 'eval/reward_gain')} |")
     return "\n".join(lines)

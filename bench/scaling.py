@@ -141,6 +141,10 @@ def main() -> None:
     flops_rate_train = 6 * smol_r["params"] / smol_r["train_s_per_token"]  # achieved FLOP/s, LoRA fwd+bwd (~6P)
     flops_rate_sample = 2 * smol_r["params"] / smol_r["sample_s_per_token"]
     result["cpu_flops"] = {"train": flops_rate_train, "sample": flops_rate_sample}
+    import resource
+
+    # The process's peak resident memory over every measurement above (MB; ru_maxrss is KiB on Linux).
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

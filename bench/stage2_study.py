@@ -9,7 +9,7 @@ computed once and each variant pays for its own training and evaluation only. Fo
 - the safety gain predicted by the dual, measured in-sample (fresh samples on the dual's prompts) and held out,
   with 95% intervals, and the reward gain;
 - the achieved KL against the predicted one;
-- stage-2 compute: optimiser steps, forward + backward tokens, wall seconds of training.
+- stage-2 compute: optimiser steps, forward + backward tokens, wall seconds and peak resident memory of training.
 
     python bench/stage2_study.py                                    # toy world, margin 0.5, the objectives
     python bench/stage2_study.py --vary algorithm.objective=pairwise,listwise trainer.epochs=5,10
@@ -75,12 +75,13 @@ def row(name: str, s: dict) -> str:
             f"{interval(s, 'predicted/safety_gain')} | {interval(s, 'insample/safety_gain')} | "
             f"{interval(s, 'eval/safety_gain')} | {inside} | {first(s['predicted/reward_gain']):+.3f} / "
             f"{first(s['eval/reward_gain']):+.3f} | {s['predicted/kl']:.2f} / {s['eval/kl']:.2f} | "
-            f"{s['train/steps']} | {tokens / 1e6:.2f} M | {s['time/train']:.0f} |")
+            f"{s['train/steps']} | {tokens / 1e6:.2f} M | {s['time/train']:.0f} | "
+            f"{s.get('memory/train', 0) / 1024:.2f} |")
 
 
 HEADER = ("| variant | fit KL | fit slope | fit corr | log-mass | safety gain predicted | in-sample | held-out | vs predicted "
           "CI | reward gain predicted / held-out | KL predicted / held-out | steps | fwd+bwd tokens | "
-          "train s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "train s | train peak GB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main() -> None:

@@ -25,6 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def peak_gb(folder: Path) -> float:
+    """The largest ``memory/peak`` of the runs under ``folder`` (each run's summary.json), GB."""
+    peaks = [json.loads(p.read_text()).get("memory/peak") or 0.0 for p in folder.rglob("summary.json")]
+    return max(peaks, default=0.0) / 1024
+
+
 def run(args: list[str], cwd: Path) -> float:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     start = time.perf_counter()
@@ -47,14 +53,16 @@ def main() -> None:
     common = [f"experiment={args.world}", "tracker=none"]
     sweep = run(["sweeps=margins", *common, f"safety.margin={grid}", "cache_dir=sweep-cache",
                  "hydra.sweep.dir=sweep"], work)
-    print(f"sweep of {len(args.margins)} margins, one cache: {sweep:.0f} s", flush=True)
+    print(f"sweep of {len(args.margins)} margins, one cache: {sweep:.0f} s, peak {peak_gb(work / 'sweep'):.2f} GB",
+          flush=True)
     cold = []
     for i, margin in enumerate(args.margins):
         cold.append(run([*common, f"safety.margin={margin:g}", f"cache_dir=cold-cache-{i}", f"hydra.run.dir=cold-{i}"],
                         work))
-        print(f"cold run b={margin:g}: {cold[-1]:.0f} s", flush=True)
+        print(f"cold run b={margin:g}: {cold[-1]:.0f} s, peak {peak_gb(work / f'cold-{i}'):.2f} GB", flush=True)
     result = {"world": args.world, "margins": args.margins, "sweep_seconds": sweep, "cold_seconds": cold,
-              "ratio_cold_over_sweep": sum(cold) / sweep}
+              "ratio_cold_over_sweep": sum(cold) / sweep, "sweep_peak_gb": peak_gb(work / "sweep"),
+              "cold_peak_gb": [peak_gb(work / f"cold-{i}") for i in range(len(cold))]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"sweep_cost_{args.world}.json").write_text(json.dumps(result, indent=2))
     print(f"G = {len(args.margins)}: {len(cold)} cold runs {sum(cold):.0f} s vs one sweep {sweep:.0f} s -> "
