@@ -14,6 +14,7 @@ optimisation of the policy from π_ref.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,8 +46,9 @@ class ComputeMeter:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
-def _resident_peak_mb() -> float | None:
-    """The process's resident-set high-water mark (VmHWM), MB; None where /proc is not available."""
+def _resident_peak_mb() -> float:
+    """The process's resident-set high-water mark, MB: VmHWM where /proc has it (Linux), else the peak since the
+    process started (``ru_maxrss``: KiB, bytes on macOS)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -54,37 +56,36 @@ def _resident_peak_mb() -> float | None:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return None
-
-
-def _reset_resident_peak() -> bool:
-    """Reset VmHWM to the current resident size (Linux: ``echo 5 > /proc/self/clear_refs``), so the next read is
-    the peak since now; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``), so that a stage's resident peak
-    is its own and not the memory an earlier stage freed but the allocator kept; a no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _max_rss_mb() -> float:
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB elsewhere
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where there is no glibc (loaded once)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _start_resident_peak() -> None:
+    """Make the next high-water mark read the peak from now on (Linux): hand the C heap's free pages back to the
+    system first (``malloc_trim``), so the mark starts from what is in use and not from memory an earlier stage
+    freed but the allocator kept, then reset it (``echo 5 > /proc/self/clear_refs``). Elsewhere a no-op."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 @dataclass
@@ -98,28 +99,26 @@ class StageTimer:
     the process so far (an upper bound)."""
 
     times: dict[str, float] = field(default_factory=dict)
-    memory: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, float] = field(default_factory=dict)  # MB per stage, and "peak" for the run
     _open: dict[str, float] = field(default_factory=dict)  # running peak of each stage in progress
 
-    def memory_now(self) -> None:
-        """Fold the peak since the last stage into ``memory/peak``."""
-        self._fold()
-        self.memory["memory/peak"] = round(self.memory["memory/peak"], 1)
-
-    def _fold(self) -> float:
-        """The high-water mark since the last reset, into every open stage's running peak (and the run's)."""
+    def _fold(self) -> None:
+        """The high-water mark since the last reset, into every open stage's running peak and the run's."""
         now = _resident_peak_mb()
-        now = _max_rss_mb() if now is None else now
         for stage in self._open:
             self._open[stage] = max(self._open[stage], now)
-        self.memory["memory/peak"] = max(self.memory.get("memory/peak", 0.0), now)
-        return now
+        self.peaks["peak"] = max(self.peaks.get("peak", 0.0), now)
+
+    def memory(self) -> dict[str, float]:
+        """``memory/<stage>`` and ``memory/peak`` (MB, to 0.1), the run's peak including what ran since the last
+        stage."""
+        self._fold()
+        return {f"memory/{name}": round(mb, 1) for name, mb in self.peaks.items()}
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
-        self._fold()
-        _release_free_memory()
-        _reset_resident_peak()
+        self._fold()  # before the reset: the enclosing stages' and the run's peaks so far
+        _start_resident_peak()
         self._open[stage] = 0.0
         start = time.perf_counter()
         try:
@@ -128,6 +127,4 @@ class StageTimer:
             key = f"time/{stage}"
             self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
             self._fold()
-            peak = self._open.pop(stage)
-            self.memory[f"memory/{stage}"] = round(max(self.memory.get(f"memory/{stage}", 0.0), peak), 1)
-            self.memory["memory/peak"] = round(self.memory["memory/peak"], 1)
+            self.peaks[stage] = max(self.peaks.get(stage, 0.0), self._open.pop(stage))

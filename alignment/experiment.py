@@ -325,8 +325,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
         # Every algorithm has the same keys: a stage it does not have reads 0 s and 0 MB.
         summary.update({f"{kind}/{stage}": 0.0 for kind in ("time", "memory") for stage in TIME_STAGES})
         summary.update(timer.times)
-        timer.memory_now()  # whatever ran outside a stage counts in the run's peak
-        summary.update(timer.memory)
+        summary.update(timer.memory())
         if world is not None:
             summary.update(compute_spent or world.compute.summary())
             summary["compute/wall_seconds"] = sum(v for k, v in timer.times.items() if k != "time/evaluate")

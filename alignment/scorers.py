@@ -121,6 +121,13 @@ def build_scorer(spec: ScorerSpec, cache_dir: str | None = None) -> Scorer:
     return Scorer(spec.name, spec.direction, gold[spec.name])
 
 
+def score_all(reward: Scorer, safety: Sequence[Scorer], prompts: Sequence[str], responses: Sequence[str],
+              ended: Sequence[bool | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reward [B] and safety [B, m] of flat (prompt, response) pairs, one column per safety scorer."""
+    return (reward(prompts, responses, ended=ended),
+            np.stack([s(prompts, responses, ended=ended) for s in safety], axis=-1))
+
+
 def scorer_identity(spec: ScorerSpec) -> dict:
     """What determines a scorer's output, for cache keys. ``append_eos`` is in it only when on (resolved), so
     the keys of scorers without it, and the caches made before it existed, are unchanged; a key with it must

@@ -315,7 +315,8 @@ class ArtifactStore:
         self._check_stage(stage)
         if not isinstance(version, str):
             raise TypeError(f"version must be a str, got {type(version).__name__}")
-        return digest({"stage": stage, "version": version, "spec": spec})
+        # Canonicalised here so that an unsupported value is named by its path in the spec (spec.<key>...).
+        return digest({"stage": stage, "version": version, "spec": _canonical(spec, "spec")})
 
     def _stage_dir(self, stage: str) -> Path:
         return self.root / stage

@@ -91,8 +91,3 @@ class World(Protocol):
         for the run's arrays.npz; ``lam``, ``beta``: the target π_λ where the world can measure the distance."""
         ...
 
-
-def paired_gain(policy_scores: np.ndarray, ref_scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Bootstrap draws of E policy - E ref over resampled prompts. scores: [N, S] or [N, S, m]; idx [B, N]."""
-    per_prompt = policy_scores.mean(axis=1) - ref_scores.mean(axis=1)
-    return per_prompt[idx].mean(axis=1)

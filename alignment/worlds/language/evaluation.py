@@ -15,7 +15,6 @@ from alignment.config import EvalConfig
 from alignment.intervals import percentile_interval
 from alignment.sampling import Samples
 from alignment.store import ArtifactStore, atomic_write_json, content_digest
-from alignment.worlds.base import paired_gain
 from alignment.worlds.language.model import PolicyModel, TrainedAdapter
 from alignment.worlds.language.prompts import PromptSplit
 
@@ -27,6 +26,12 @@ class CachedStages(Protocol):
                  adapter: TrainedAdapter | None) -> Samples: ...
 
     def score_texts(self, prompts: list[str], responses: list[list[str]]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def paired_gain(policy_scores: np.ndarray, ref_scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Bootstrap draws of E policy - E ref over resampled prompts. scores: [N, S] or [N, S, m]; idx [B, N]."""
+    per_prompt = policy_scores.mean(axis=1) - ref_scores.mean(axis=1)
+    return per_prompt[idx].mean(axis=1)
 
 
 def evaluate_held_out(stages: CachedStages, model: PolicyModel, prompts: list[str], e: EvalConfig,

