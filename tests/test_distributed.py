@@ -20,7 +20,9 @@ from alignment.distributed import Distributed, engine_from_env, launcher_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 # A toy world small enough for a test: 30 dual prompts x 4 samples, 120 pairs, 8 optimiser steps of 16 pairs.
-TOY = ["experiment=toy", "dataset.n_prompts=40", "model.sft_steps=20", "sampling.num_samples=4",
+# trainer.share_prompt=false: a launch runs each micro-batch as one flat forward (policies.shares_prompt), and
+# the single process it is compared with must do the same arithmetic.
+TOY = ["experiment=toy", "trainer.share_prompt=false", "dataset.n_prompts=40", "model.sft_steps=20", "sampling.num_samples=4",
        "algorithm.objective=pairwise", "algorithm.pairs_per_prompt=4", "trainer.batch_size=16", "trainer.epochs=1",
        "trainer.log_every=1", "trainer.warmup_steps=0", "eval.num_samples=1", "eval.bootstrap=50", "tracker=none", "model.device=cpu"]
 
@@ -32,6 +34,18 @@ def test_shards_cover_every_item_once():
             parts = [list(range(n))[Distributed(rank=r, world_size=world).shard(n)] for r in range(world)]
             assert sum(parts, []) == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+@pytest.mark.fast
+def test_prompt_sharing_is_off_under_a_launch(monkeypatch):
+    """Every forward of a launch is a collective and ranks hold different numbers of prompts: sharing the
+    prompt's forward (a forward per prompt) would leave ranks waiting on each other (it hung DDP)."""
+    from alignment import distributed as dist_mod
+    from alignment.policies import shares_prompt
+
+    assert shares_prompt(True) and not shares_prompt(False)
+    monkeypatch.setattr(dist_mod, "current", lambda: Distributed(rank=1, world_size=2))
+    assert not shares_prompt(True)
 
 
 @pytest.mark.fast

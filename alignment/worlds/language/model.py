@@ -125,13 +125,15 @@ class PolicyModel:
             self.activate(policy)
             yield
 
-    def token_count(self, prompts: list[str], responses: list[str]) -> int:
-        """Prompt + response (+ EOS) tokens of each pair, summed: what a forward pass over them costs."""
-        from alignment.policies import _token_ids, format_prompt
+    def token_count(self, prompts: list[str], responses: list[str], batch_size: int) -> int:
+        """Tokens :func:`alignment.policies.prompt_logprob` processes for these pairs (each prompt once per
+        batch of at most ``batch_size`` of its responses, each response + EOS): what a forward over them costs."""
+        from alignment.policies import _token_ids, format_prompt, prompt_groups
 
         tok = self.tokenizer
         prompt_len = {p: len(_token_ids(tok, format_prompt(tok, p))) for p in set(prompts)}
-        return sum(prompt_len[p] + len(_token_ids(tok, r)) + 1 for p, r in zip(prompts, responses))
+        return sum(prompt_len[prompts[idx[0]]] + sum(len(_token_ids(tok, responses[i])) + 1 for i in idx)
+                   for idx in prompt_groups(prompts, batch_size))
 
     def response_tokens(self, responses: list[list[str]], max_new_tokens: int) -> int:
         """Generated tokens of responses [N][K] (+ EOS, capped at ``max_new_tokens``)."""

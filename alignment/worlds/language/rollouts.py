@@ -48,13 +48,13 @@ class LanguageRollouts:
         return responses
 
     def rollout_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
-        from alignment.policies import encode_pairs, token_logprob_sum
+        from alignment.policies import prompt_logprob, shares_prompt
 
         flat_p, flat_y = self._flat(rows, responses)
-        enc = encode_pairs(self.model.tokenizer, flat_p, flat_y, max_length=self.model.config.max_length)
-        tokens = int(enc["attention_mask"].sum())
+        logp, tokens = prompt_logprob(model, self.model.tokenizer, flat_p, flat_y,
+                                      max_length=self.model.config.max_length, share_prompt=shares_prompt(True))
         self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
-        return token_logprob_sum(model, enc).double().reshape(len(rows), -1)
+        return logp.double().reshape(len(rows), -1)
 
     @torch.no_grad()
     def rollout_ref_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:

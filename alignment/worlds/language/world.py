@@ -44,8 +44,12 @@ class LanguageWorld:
 
     SAMPLES_VERSION = "2"  # 2: top_k disabled (pure π_ref samples)
     SCORES_VERSION = "1"
-    LOGPROB_VERSION = "1"
-    ADAPTER_VERSION = "3"  # 2: one adapter stage for every training; 3: LoRA initialised from the run seed
+    # Log-probabilities and adapters from before each prompt ran once per group of its responses (policies.
+    # prompt_logprob) differ from today's by float rounding only; the versions are bumped so that a warm run
+    # gives exactly what a cold one does.
+    LOGPROB_VERSION = "2"  # 2: one run of the prompt per group of its responses
+    ADAPTER_VERSION = "4"  # 2: one adapter stage for every training; 3: LoRA initialised from the run seed;
+                           # 4: the prompt run once per group of its responses
 
     def __init__(self, dataset: Any, model: HFModelConfig, scorer: ScorerConfig, sampling: SamplingConfig,
                  evaluation: EvalConfig, *, seed: int, cache_dir: str, store: ArtifactStore):
@@ -194,7 +198,7 @@ class LanguageWorld:
     def sequence_logprob(self, policy: TrainedAdapter | None, prompts: list[str], responses: list[str]
                          ) -> torch.Tensor:
         """log π(y|x) of a trained policy (``None``: π_ref) for each (prompt, response), cached by content."""
-        from alignment.policies import sequence_logprob
+        from alignment.policies import LOGPROB_BATCH, sequence_logprob
 
         spec = {"model": self.model_id, "texts": content_digest([prompts, responses]),
                 "max_length": self.model_cfg.max_length}
@@ -210,7 +214,7 @@ class LanguageWorld:
 
         stage = "ref_logprob" if policy is None else "policy_logprob"
         result = self.store.get_or_compute(stage, spec, compute=compute, version=self.LOGPROB_VERSION)
-        self.compute.add(forward_tokens=self.model.token_count(prompts, responses))
+        self.compute.add(forward_tokens=self.model.token_count(prompts, responses, batch_size=LOGPROB_BATCH))
         return torch.as_tensor(np.load(result.path / "logprob.npy"))
 
     def _flat(self, responses: np.ndarray) -> tuple[list[str], list[str]]:
@@ -267,10 +271,11 @@ class LanguageWorld:
 
     # -- training ------------------------------------------------------------------------------------------
 
-    def _objective(self, items: dict[str, torch.Tensor], objective: str, beta: float, anchor: float) -> Objective:
+    def _objective(self, items: dict[str, torch.Tensor], objective: str, beta: float, anchor: float,
+                   share_prompt: bool = True) -> Objective:
         """The training loop's objective; π_ref log-probabilities of every response in ``items`` (pairs or
         lists) come from the cache (computed once, adapter disabled)."""
-        from alignment.policies import encode_pairs, token_logprob_sum
+        from alignment.policies import prompt_logprob, shares_prompt
 
         all_ids = response_ids(items)
         used = torch.unique(all_ids)
@@ -287,17 +292,18 @@ class LanguageWorld:
             ref[used] = self.sequence_logprob(None, [self.sample_prompts[prompt_of[i]] for i in used.tolist()],
                                               [self.texts[i] for i in used.tolist()])
         tokenizer, max_length = self.model.tokenizer, self.model_cfg.max_length
+        share = shares_prompt(share_prompt)
 
         def rho(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             ys = response_ids(batch)  # [B, J]
             b, j = ys.shape
-            prompts = [self.sample_prompts[int(i)] for i in batch["prompt"]]
-            ids = ys.T.flatten()  # response-major: every item's first response, then every second, ...
-            enc = encode_pairs(tokenizer, prompts * j, [self.texts[int(i)] for i in ids], max_length=max_length)
-            tokens = int(enc["attention_mask"].sum())
+            ids = ys.flatten()
+            prompts = [self.sample_prompts[int(x)] for x in batch["prompt"] for _ in range(j)]
+            # One forward per prompt in the batch (its responses on one run of the prompt), or one flat forward.
+            logp, tokens = prompt_logprob(model, tokenizer, prompts, [self.texts[int(i)] for i in ids],
+                                          max_length=max_length, share_prompt=share)
             self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
-            logp = token_logprob_sum(model, enc)  # one forward for every response of every item
-            return (logp.double() - ref[ids].to(logp.device)).reshape(j, b).T
+            return (logp.double() - ref[ids].to(logp.device)).reshape(b, j)
 
         return objective_for(objective, rho, beta, anchor)
 
@@ -358,8 +364,8 @@ class LanguageWorld:
                 **({"anchor": anchor} if anchor else {})}
 
         def run(model: nn.Module, work: Path) -> dict[str, Any]:
-            result = train_items(model, items, self._objective(items, objective, beta, anchor), cfg=trainer,
-                                 seed=self.seed, log=log, progress=progress,
+            objective_fn = self._objective(items, objective, beta, anchor, trainer.share_prompt)
+            result = train_items(model, items, objective_fn, cfg=trainer, seed=self.seed, log=log, progress=progress,
                                  checkpoint_dir=work if trainer.checkpoint_every else None,
                                  meter=self.compute)  # checkpoints carry the compute spent before them
             self.compute.add(training_runs=1)
