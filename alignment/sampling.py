@@ -72,13 +72,14 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
             texts = [format_prompt(tokenizer, p) for p in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True,
                             add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
+            inputs = _shared_prompts(model, enc, k)
             # top_k=0: generate() otherwise truncates to the model's default top-50, and the dual's samples must
             # come from π_ref itself. fork_rng leaves the caller's global RNG untouched.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + b)
                 generated = model.generate(
-                    **enc, do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-                    max_new_tokens=spec.max_new_tokens, num_return_sequences=k,
+                    **inputs, do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+                    max_new_tokens=spec.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                 )
             new = generated[:, enc["input_ids"].shape[1]:]
@@ -92,6 +93,29 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
     finally:
         tokenizer.padding_side = old_side
     return Samples(out, ended)
+
+
+@torch.no_grad()
+def _shared_prompts(model: Any, enc: Any, k: int) -> dict[str, Any]:
+    """generate()'s inputs for K samples of each left-padded prompt in ``enc``, with the prompts run once.
+
+    generate(num_return_sequences=K) copies every prompt K times before its first forward, so each prompt's
+    tokens go through the model K times. Here all but each prompt's last token run once, with the position ids
+    generate() would give them, and their keys and values are repeated K times: generate() then starts from
+    that cache, runs the last prompt token and samples exactly as before (the same logits up to float
+    rounding, the same random draws in the same order). On the default world (4 prompts of ~40 tokens x 8
+    samples of 32 tokens per call) the prompt tokens are about half of all tokens a call processes.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if k == 1 or ids.shape[1] < 2:
+        return {"input_ids": ids, "attention_mask": mask, "num_return_sequences": k}
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    head = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                 use_cache=True, logits_to_keep=1)
+    cache = head.cache  # (transformers 5.x names the key-value cache ``cache``, formerly ``past_key_values``)
+    cache.batch_repeat_interleave(k)
+    return {"input_ids": ids.repeat_interleave(k, dim=0), "attention_mask": mask.repeat_interleave(k, dim=0),
+            "cache": cache}
 
 
 def require_backend(backend: str) -> None:

@@ -201,3 +201,37 @@ def test_grouped_logprob_and_its_gradient_equal_the_flat_batch(tiny_lm):
     got = sequence_logprob(model, tok, mixed_p, mixed_y, batch_size=1)
     want = token_logprob_sum(model, encode_pairs(tok, mixed_p, mixed_y, max_length=64)).detach().double()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_sampling_runs_each_prompt_once_and_draws_what_generate_draws(tiny_lm):
+    """sample_responses runs the prompts once and repeats their keys and values for the K samples; generate()
+    on K copies of each prompt (num_return_sequences) must draw the same tokens from the same seed: the same
+    logits up to float rounding (a draw flips only if its uniform falls within ~1e-7 of a CDF boundary) and
+    the same random numbers in the same order."""
+    from alignment.sampling import _shared_prompts
+
+    policy = load_policy(model_cfg(tiny_lm, lora=False))
+    tok, model = policy.tokenizer, policy.model
+    spec = GenerationSpec(num_samples=3, max_new_tokens=8, batch_size=6)
+    prompts = ["bread ?", PROMPTS[1]]  # of different lengths: left padding, so the position ids matter
+    got = sample_responses(model, tok, prompts, spec, seed=5)
+    tok.padding_side = "left"
+    enc = tok([format_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True,
+              add_special_tokens=not getattr(tok, "chat_template", None))
+    assert not enc["attention_mask"].all()
+    shared = _shared_prompts(model, enc, 3)
+    # The last prompt token on the shared cache predicts what the whole padded prompt predicts (a random tiny
+    # model barely depends on positions, so the samples alone would not catch wrong position ids: the logits do).
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        last = model(input_ids=shared["input_ids"][:, -1:], attention_mask=shared["attention_mask"],
+                     position_ids=positions.repeat_interleave(3, dim=0)[:, -1:], cache=shared["cache"]).logits[:, -1]
+    torch.testing.assert_close(last, whole.repeat_interleave(3, dim=0), atol=1e-5, rtol=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5 * 1_000_003 + 0)  # sample_responses' seed for its first batch
+        plain = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=8, num_return_sequences=3,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    decoded = [s.strip() for s in tok.batch_decode(plain[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    assert [y for row in got for y in row] == decoded

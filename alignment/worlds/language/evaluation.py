@@ -96,7 +96,7 @@ def lmeval_entries(model: PolicyModel, model_id: dict[str, Any], split: PromptSp
     ``seed``: the dataset's (the task files' order). Cached per model like any stage."""
     if not e.lmeval:
         return {}
-    from alignment.lmeval import run_lmeval, summary_entries, tasks_digest, write_tasks
+    from alignment.lmeval import BATCH_SIZE, run_lmeval, summary_entries, tasks_digest, write_tasks
 
     flags = split.held_out_harmful
     if flags is None:
@@ -113,7 +113,8 @@ def lmeval_entries(model: PolicyModel, model_id: dict[str, Any], split: PromptSp
         """One model's results, cached like any stage: π_ref's are shared by every run on these prompts,
         and a rerun of a finished run does not evaluate again (lm-eval's generation is greedy)."""
         spec = {"model": model_id, "adapter": adapter and adapter.key, "tasks": list(e.lmeval_tasks),
-                "limit": e.lmeval_limit, "task_files": task_digest, "seed": seed, "lm_eval": version("lm_eval")}
+                "limit": e.lmeval_limit, "task_files": task_digest, "seed": seed, "lm_eval": version("lm_eval"),
+                "batch_size": BATCH_SIZE}  # padding within a batch can move a greedy token by float rounding
 
         def compute(out: Path) -> None:
             handle = model.handle

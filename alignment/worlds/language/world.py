@@ -42,7 +42,7 @@ class LanguageWorld:
     ``seed``), ``scorer``'s reward and safety scorers, ``sampling`` for π_ref's and policies' samples,
     ``evaluation`` for held-out prompts; artifacts in ``store`` (learned scorers' files under ``cache_dir``)."""
 
-    SAMPLES_VERSION = "2"  # 2: top_k disabled (pure π_ref samples)
+    SAMPLES_VERSION = "3"  # 2: top_k disabled (pure π_ref samples); 3: each prompt run once for its K samples
     SCORES_VERSION = "1"
     # Log-probabilities and adapters from before each prompt ran once per group of its responses (policies.
     # prompt_logprob) differ from today's by float rounding only; the versions are bumped so that a warm run
