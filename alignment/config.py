@@ -453,7 +453,7 @@ class TrainerConfig:
     checkpoint_every: int = 0  # optimiser steps between checkpoints (0: none); a rerun resumes from the last
     # Run each prompt once for all its responses in a micro-batch (its keys and values shared by them) instead
     # of once per response: the same log-probabilities and gradients up to float rounding, in about 0.6x the
-    # time on the default world (policies.group_logprob_sum). Off under a multi-process launch (each forward
+    # time on the default world (policies.groups_logprob_sum). Off under a multi-process launch (each forward
     # there is a collective and ranks' shares hold different numbers of prompts): one flat forward per
     # micro-batch. Off here too: the single-process run a launch is compared with (tests/test_distributed.py).
     share_prompt: bool = True

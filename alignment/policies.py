@@ -147,18 +147,32 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
     return {"input_ids": input_ids, "attention_mask": attention.long(), "response_mask": response_mask}
 
 
-def encode_group(tokenizer: Any, prompt: str, responses: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
-    """One prompt and J responses to it, for :func:`group_logprob_sum`: prompt_ids [1, P] and the responses
-    right-padded, response_ids and response_mask [J, R] (tokens as :func:`encode_pairs` makes them)."""
-    pairs = [_pair_ids(tokenizer, prompt, r, max_length) for r in responses]
+def encode_groups(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, max_length: int
+                  ) -> dict[str, torch.Tensor]:
+    """Pairs (prompts[i], responses[i]) laid out for :func:`groups_logprob_sum`: each distinct prompt once,
+    left-padded, prompt_ids and prompt_mask [G, P]; the responses right-padded, response_ids and response_mask
+    [B, R]; group [B], the row of each response's prompt (tokens as :func:`encode_pairs` makes them)."""
+    row_of: dict[str, int] = {}
+    group = torch.tensor([row_of.setdefault(p, len(row_of)) for p in prompts], dtype=torch.long)
+    pairs = [_pair_ids(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    prompt_rows: list[list[int]] = [[] for _ in row_of]
+    for g, (p_ids, _) in zip(group.tolist(), pairs):
+        prompt_rows[g] = p_ids
+    width = max((len(r) for r in prompt_rows), default=0)
+    prompt_ids = torch.full((len(prompt_rows), width), _pad_id(tokenizer), dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompt_rows), width), dtype=torch.long)
+    for i, row in enumerate(prompt_rows):  # left padding: every prompt ends where its responses start
+        if row:
+            prompt_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            prompt_mask[i, width - len(row):] = 1
     response_ids, response_mask = _right_padded([r for _, r in pairs], _pad_id(tokenizer))
-    prompt_ids = torch.tensor([pairs[0][0] if pairs else []], dtype=torch.long)
-    return {"prompt_ids": prompt_ids, "response_ids": response_ids, "response_mask": response_mask}
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+            "response_mask": response_mask, "group": group}
 
 
-def group_tokens(group: dict[str, torch.Tensor]) -> int:
-    """Tokens one :func:`group_logprob_sum` forward processes: the prompt once, then each response."""
-    return int(group["prompt_ids"].shape[1] + group["response_mask"].sum())
+def group_tokens(enc: dict[str, torch.Tensor]) -> int:
+    """Tokens a :func:`groups_logprob_sum` call processes: each prompt once, then each response."""
+    return int(enc["prompt_mask"].sum() + enc["response_mask"].sum())
 
 
 @functools.lru_cache(maxsize=262144)
@@ -200,71 +214,60 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
-def group_logprob_sum(model: nn.Module, group: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ over response tokens of log p(token | prompt, earlier tokens) for J responses to one prompt, [J]: the
-    numbers :func:`token_logprob_sum` gives for the J (prompt, response) pairs, with the prompt run once.
+def groups_logprob_sum(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ over response tokens of log p(token | prompt, earlier tokens) for each response of
+    :func:`encode_groups`, [B]: the numbers :func:`token_logprob_sum` gives for the flat pairs, with each
+    distinct prompt run once.
 
-    The prompt's forward keeps its attention keys and values; they are repeated J times and the responses run
-    on top of them (right padding is harmless: a padded position comes after every real one and the causal mask
-    hides it). A response-sampled batch (K samples of each prompt, K lists in training) shares its prompt, so
-    the prompt's cost is paid once instead of K times: on the default world's 8 samples of 32 tokens after a
-    ~40-token chat prompt that is about half the tokens of a flat batch. Gradients flow through both forwards,
-    into the prompt's keys and values too, when the caller enables them; same float32 math, summed in another
-    order (agreement with the flat path to float rounding, tested).
+    Two forwards: the prompts (left-padded, with the position ids generate() would give them), keeping their
+    keys and values; those are gathered to one row per response and the responses run on top of them (their
+    right padding is harmless: a padded position comes after every real one and the causal mask hides it).
+    K samples of a prompt (lists, pairs) share it, so the prompt's cost is paid once instead of K times: on the
+    default world's 8 samples of 32 tokens after a ~40-token chat prompt that is about half the tokens of a
+    flat batch. Gradients flow through both forwards, into the prompts' keys and values too, when the caller
+    enables them. The same float32 math summed in another order: equal to the flat path to rounding (tested).
     """
     device = next(model.parameters()).device
-    prompt = group["prompt_ids"].to(device)
-    ids = group["response_ids"].to(device)
-    mask = group["response_mask"].to(device)
-    j, width = ids.shape
+    prompt, prompt_mask = enc["prompt_ids"].to(device), enc["prompt_mask"].to(device)
+    ids, mask, group = enc["response_ids"].to(device), enc["response_mask"].to(device), enc["group"].to(device)
+    b, width = ids.shape
     if width == 0:
-        return torch.zeros(j, device=device)
+        return torch.zeros(b, device=device)
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    head = model(input_ids=prompt, use_cache=True, **kwargs)
-    first = head.logits[0, -1].float().log_softmax(-1)[ids[:, 0]]  # the first response token, from the prompt
+    head = model(input_ids=prompt, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, **kwargs)
+    first = head.logits[:, -1].float().log_softmax(-1)[group, ids[:, 0]]  # each first token, from its prompt
     cache = head.cache  # (transformers 5.x names the key-value cache ``cache``, formerly ``past_key_values``)
-    cache.batch_repeat_interleave(j)
-    logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, :-1].float()
-    # Fused log-softmax + gather: no [J, R, V] log-probability tensor is materialised.
+    cache.batch_select_indices(group)  # one row per response
+    attention = torch.cat([prompt_mask[group], torch.ones_like(ids)], dim=1)
+    positions = prompt_mask.sum(-1, keepdim=True)[group] + torch.arange(width, device=device)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
+                   use_cache=True).logits[:, :-1].float()
+    # Fused log-softmax + gather: no [B, R, V] log-probability tensor is materialised.
     rest = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     return first * mask[:, 0] + (rest * mask[:, 1:]).sum(dim=-1)
-
-
-def prompt_groups(prompts: Sequence[str], size: int) -> list[list[int]]:
-    """Indices of ``prompts`` grouped by equal prompt, in first-seen order, each group cut into pieces of at
-    most ``size``: the batches :func:`sequence_logprob` runs with one prompt forward each."""
-    by_prompt: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_prompt.setdefault(p, []).append(i)
-    return [idx[s: s + size] for idx in by_prompt.values() for s in range(0, len(idx), size)]
 
 
 def prompt_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
                    max_length: int, batch_size: int | None = None, share_prompt: bool = True
                    ) -> tuple[torch.Tensor, int]:
     """log π(y|x) summed over response tokens for each (prompt, response), [B] float32 in input order, and the
-    tokens processed. ``share_prompt``: the responses of each prompt in batches of at most ``batch_size`` (all
-    at once: None) on one run of the prompt (:func:`group_logprob_sum`); else every pair as its own sequence,
-    in one forward per ``batch_size`` pairs. Differentiable when the caller enables gradients."""
+    tokens processed, ``batch_size`` pairs at a time (all at once: None). ``share_prompt``: each distinct
+    prompt of a batch run once (:func:`groups_logprob_sum`); else every pair as its own sequence
+    (:func:`token_logprob_sum`). Differentiable when the caller enables gradients."""
     size = batch_size or max(len(prompts), 1)
-    parts, order, tokens = [], [], 0
-    if share_prompt:
-        for idx in prompt_groups(prompts, size):
-            group = encode_group(tokenizer, prompts[idx[0]], [responses[i] for i in idx], max_length=max_length)
-            parts.append(group_logprob_sum(model, group))
-            order.extend(idx)
-            tokens += group_tokens(group)
-    else:
-        for start in range(0, len(prompts), size):
-            idx = list(range(start, min(start + size, len(prompts))))
-            enc = encode_pairs(tokenizer, [prompts[i] for i in idx], [responses[i] for i in idx],
-                               max_length=max_length)
+    parts, tokens = [], 0
+    for start in range(0, len(prompts), size):
+        ps, ys = prompts[start:start + size], responses[start:start + size]
+        if share_prompt:
+            enc = encode_groups(tokenizer, ps, ys, max_length=max_length)
+            parts.append(groups_logprob_sum(model, enc))
+            tokens += group_tokens(enc)
+        else:
+            enc = encode_pairs(tokenizer, ps, ys, max_length=max_length)
             parts.append(token_logprob_sum(model, enc))
-            order.extend(idx)
             tokens += int(enc["attention_mask"].sum())
-    if not parts:
-        return torch.zeros(0), 0
-    return torch.cat(parts)[torch.argsort(torch.tensor(order))], tokens
+    return (torch.cat(parts) if parts else torch.zeros(0)), tokens
 
 
 def shares_prompt(requested: bool) -> bool:
@@ -275,13 +278,14 @@ def shares_prompt(requested: bool) -> bool:
     return requested and not distributed.current().enabled
 
 
-LOGPROB_BATCH = 16  # responses per forward in sequence_logprob (on one run of their prompt)
+LOGPROB_BATCH = 32  # pairs per forward in sequence_logprob
 
 
 @torch.no_grad()
 def sequence_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
                      batch_size: int = LOGPROB_BATCH, max_length: int = 512) -> torch.Tensor:
     """log π(y|x) summed over response tokens for each (prompt, response), [B] float64, in input order
-    (:func:`prompt_logprob`: each prompt run once per batch of its responses)."""
+    (:func:`prompt_logprob`: each distinct prompt of a batch run once). Pairs are taken in input order: callers
+    pass a prompt's responses together (the world's [N, K] samples), so a batch holds few prompts."""
     logp, _ = prompt_logprob(model, tokenizer, prompts, responses, max_length=max_length, batch_size=batch_size)
     return logp.double().cpu()

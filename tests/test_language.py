@@ -168,10 +168,11 @@ def test_sampling_draws_from_the_full_distribution(tiny_lm):
 
 
 def test_grouped_logprob_and_its_gradient_equal_the_flat_batch(tiny_lm):
-    """group_logprob_sum runs a prompt once and its responses on the prompt's keys and values; the values and
-    the LoRA gradients must be those of the flat batch (every pair its own sequence). The same float32 sums in
-    another order: differences are rounding, ~1e-6 of values of order 10, so 1e-4 leaves two orders of margin."""
-    from alignment.policies import encode_group, group_logprob_sum, token_logprob_sum
+    """groups_logprob_sum runs each distinct prompt once (left-padded) and the responses on their prompts' keys
+    and values; the values and the LoRA gradients must be those of the flat batch (every pair its own
+    sequence). The same float32 sums in another order: differences are rounding, ~1e-6 of values of order 10,
+    so 1e-4 leaves two orders of margin."""
+    from alignment.policies import encode_groups, groups_logprob_sum, prompt_logprob, token_logprob_sum
 
     policy = load_policy(model_cfg(tiny_lm))
     with torch.no_grad():
@@ -179,28 +180,35 @@ def test_grouped_logprob_and_its_gradient_equal_the_flat_batch(tiny_lm):
             if "lora_B" in name:
                 p.add_(0.05 * torch.randn_like(p))  # a moved adapter, so its gradients are not trivial
     tok, model = policy.tokenizer, policy.model
-    responses = ["sure . first mix the flour .", "no .", "sorry , that could hurt people . sorry ."]
+    # Two prompts of different lengths (so the shorter is left-padded), interleaved, responses of several lengths.
+    prompts = ["bread ?", PROMPTS[1], PROMPTS[1], "bread ?", PROMPTS[1]]
+    responses = ["sure . first mix the flour .", "no .", "sorry , that could hurt people . sorry .", "yes .",
+                 "sorry ."]
+    enc = encode_groups(tok, prompts, responses, max_length=64)
+    assert enc["prompt_ids"].shape[0] == 2 and not enc["prompt_mask"].all()
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])  # distinct weights: each row's gradient counts
 
     def value_and_grad(fn):
         model.zero_grad()
         out = fn()
-        (out * torch.tensor([1.0, -2.0, 0.5])).sum().backward()  # distinct weights: each row's gradient counts
+        (out * weights).sum().backward()
         return out.detach(), [p.grad.clone() for p in lora]
 
     flat, flat_grad = value_and_grad(lambda: token_logprob_sum(
-        model, encode_pairs(tok, [PROMPTS[1]] * 3, responses, max_length=64)))
-    grouped, grouped_grad = value_and_grad(lambda: group_logprob_sum(
-        model, encode_group(tok, PROMPTS[1], responses, max_length=64)))
+        model, encode_pairs(tok, prompts, responses, max_length=64)))
+    grouped, grouped_grad = value_and_grad(lambda: groups_logprob_sum(model, enc))
     torch.testing.assert_close(grouped, flat, atol=1e-4, rtol=0)
     for a, b in zip(grouped_grad, flat_grad):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    # sequence_logprob groups by prompt and keeps the input order, whatever the interleaving.
-    mixed_p = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[1]]
-    mixed_y = [RESPONSES[0], responses[1], responses[2], RESPONSES[1]]
-    got = sequence_logprob(model, tok, mixed_p, mixed_y, batch_size=1)
-    want = token_logprob_sum(model, encode_pairs(tok, mixed_p, mixed_y, max_length=64)).detach().double()
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # Batched in any size, the same values in input order, and the same token count as the layout processes.
+    got, _ = prompt_logprob(model, tok, prompts, responses, max_length=64, batch_size=2)
+    torch.testing.assert_close(got.detach(), flat, atol=1e-4, rtol=0)
+    _, tokens = prompt_logprob(model, tok, prompts, responses, max_length=64)  # one batch: 2 prompt runs, not 5
+    prompt_tokens = int(enc["prompt_mask"].sum())
+    assert tokens == prompt_tokens + int(enc["response_mask"].sum())
+    assert tokens < int(encode_pairs(tok, prompts, responses, max_length=64)["attention_mask"].sum())
+    torch.testing.assert_close(sequence_logprob(model, tok, prompts, responses), flat.double(), atol=1e-4, rtol=0)
 
 
 def test_sampling_runs_each_prompt_once_and_draws_what_generate_draws(tiny_lm):

@@ -126,14 +126,14 @@ class PolicyModel:
             yield
 
     def token_count(self, prompts: list[str], responses: list[str], batch_size: int) -> int:
-        """Tokens :func:`alignment.policies.prompt_logprob` processes for these pairs (each prompt once per
-        batch of at most ``batch_size`` of its responses, each response + EOS): what a forward over them costs."""
-        from alignment.policies import _token_ids, format_prompt, prompt_groups
+        """Tokens :func:`alignment.policies.prompt_logprob` processes for these pairs in batches of
+        ``batch_size`` (each distinct prompt of a batch once, each response + EOS): what a forward over them costs."""
+        from alignment.policies import _token_ids, format_prompt
 
         tok = self.tokenizer
         prompt_len = {p: len(_token_ids(tok, format_prompt(tok, p))) for p in set(prompts)}
-        return sum(prompt_len[prompts[idx[0]]] + sum(len(_token_ids(tok, responses[i])) + 1 for i in idx)
-                   for idx in prompt_groups(prompts, batch_size))
+        return (sum(prompt_len[p] for s in range(0, len(prompts), batch_size) for p in set(prompts[s:s + batch_size]))
+                + sum(len(_token_ids(tok, r)) + 1 for r in responses))
 
     def response_tokens(self, responses: list[list[str]], max_new_tokens: int) -> int:
         """Generated tokens of responses [N][K] (+ EOS, capped at ``max_new_tokens``)."""
