@@ -20,9 +20,15 @@ from λ̂ on its own; run here on today's evaluation), at 1,000 x 128 and 10,000
     python bench/dual_solver.py --no-bootstrap       # the solver table only
 
 Times are medians over --repeat interleaved repetitions (every method once per round, so a change in the
-machine's load hits all of them alike); "vs ours" is the median of the per-round ratios. Peak MB: the largest
-traced allocation (tracemalloc, NumPy included) during one extra, untimed call. The load average is printed:
-on a shared machine compare ratios, not seconds.
+machine's load hits all of them alike); "vs ours" is the median of the per-round ratios. "passes": passes over
+the N x K x m scores per solve (one per D evaluation; a pass over a subsample of prompts counts as its fraction
+of N), the work the methods differ in. Peak MB: the largest traced allocation (tracemalloc, NumPy included)
+during one extra, untimed call. The load average is printed: on a shared machine compare ratios, not seconds.
+
+BLAS runs on one thread unless OPENBLAS_NUM_THREADS (or OMP_/MKL_NUM_THREADS) is set: on a loaded machine
+OpenBLAS's worker threads spin between calls and take the CPU from the Python thread, which slows a method in
+proportion to how many BLAS calls it makes rather than to its work (on 2 busy cores at load 4, L-BFGS-B ran
+1.8x slower with two threads and ours no slower, which moved the ratio from 0.63 to 0.31-0.44 with the load).
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
-from scipy.optimize import minimize
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before NumPy loads BLAS
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
+from scipy.optimize import minimize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -145,6 +154,25 @@ def interval_difference(a, b) -> float:
                for f in INTERVALS for end in ("low", "high"))
 
 
+def passes(fn, *args) -> float:
+    """Passes over the scores of one call of fn (every D evaluation is one ``_Point`` sweep; a sweep over a
+    subsample of prompts counts as its fraction of the prompts)."""
+    n = len(args[0])
+    count = [0.0]
+    sweep = _Point._sweep
+
+    def counted(self, **kwargs):
+        count[0] += self.p.n / n
+        return sweep(self, **kwargs)
+
+    _Point._sweep = counted
+    try:
+        fn(*args)
+    finally:
+        _Point._sweep = sweep
+    return count[0]
+
+
 def peak_mb(fn, *args, **kwargs) -> float:
     """Peak traced allocation (MB) of one call, NumPy's arrays included."""
     tracemalloc.start()
@@ -168,7 +196,8 @@ def interleaved(fns: dict, repeat: int) -> tuple[dict, dict]:
 
 def load() -> str:
     one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+    return (f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs, "
+            f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
 
 
 def solver_table(args) -> None:
@@ -191,12 +220,14 @@ def solver_table(args) -> None:
     ours = np.asarray(secs["projected Newton (ours)"])
     print(f"N={args.n} K={args.k} m={args.m} beta={args.beta} margin={margin.tolist()}  "
           f"lambda*={np.array2string(lam_ref, precision=8)} (reference: {ref_name})")
-    print(f"{'method':32s} {'iters':>7s} {'seconds':>9s} {'vs ours':>8s} {'peak MB':>8s} {'|lam - lam_ref|':>16s}")
+    print(f"{'method':32s} {'iters':>7s} {'passes':>7s} {'seconds':>9s} {'vs ours':>8s} {'peak MB':>8s} "
+          f"{'|lam - lam_ref|':>16s}")
     for name, lam, iters, s in rows:
         s = np.asarray(s)
         ratio = np.median(s / ours) if len(s) == len(ours) else np.median(s) / np.median(ours)
         mem = peak_mb(methods[name], *a) if name in methods else float("nan")
-        print(f"{name:32s} {iters:7d} {np.median(s):9.4f} {ratio:7.2f}x {mem:8.1f} "
+        n_passes = passes(methods[name], *a) if name in methods else float("nan")
+        print(f"{name:32s} {iters:7d} {n_passes:7.2f} {np.median(s):9.4f} {ratio:7.2f}x {mem:8.1f} "
               f"{np.abs(lam - lam_ref).max():16.2e}")
     scipy = np.asarray(secs["scipy L-BFGS-B"])
     print(f"ours / scipy L-BFGS-B: {np.median(ours / scipy):.3f}x time (median of {args.repeat} interleaved "
