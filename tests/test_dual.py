@@ -350,6 +350,30 @@ def test_warm_start_from_a_subsample_of_prompts():
     np.testing.assert_array_equal(sol.history[-1], sol.lam)
 
 
+def test_warm_started_solve_matches_the_root_of_an_independent_gradient():
+    """The large-N path (subsample warm start, Newton steps judged by the projected gradient near the optimum)
+    against ∇D written out directly (logsumexp over the raw scores, not the solver's layout or pass) and solved
+    by scipy's root finder: both constraints active, so λ* is the root of ∇D."""
+    import scipy.optimize
+
+    n, k = 3000, 16
+    reward, safety, ref_logprob = make_instance(22, n=n, k=k, m=2, non_uniform=True)
+    margin, beta = np.array([0.4, 0.2]), 0.2
+    q = ref_weights(ref_logprob, n, k)
+    ref_g = (q[:, :, None] * safety).sum(axis=1).mean(axis=0)
+
+    def grad(lam):
+        s = np.log(q) + (reward + safety @ lam) / beta
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        return np.einsum("nk,nkj->j", e / e.sum(axis=1, keepdims=True), safety) / n - ref_g - margin
+
+    root = scipy.optimize.root(grad, np.full(2, 0.4), tol=1e-14).x
+    assert np.all(root > 0.1) and np.abs(grad(root)).max() < 1e-14
+    sol = solve_dual(reward, safety, margin, beta, ref_logprob=ref_logprob, tol=1e-11)
+    assert "warm start" in sol.message and sol.converged
+    np.testing.assert_allclose(sol.lam, root, rtol=0, atol=1e-12)
+
+
 def test_tight_tolerance_does_not_stall_the_line_search():
     """Below D's rounding the Armijo test sees only noise; the Newton step is then judged by the projected
     gradient. (Judged by D, this instance halved its steps to nothing: 120 passes, and it ended at a projected
