@@ -620,6 +620,10 @@ def _solve(p: _Problem, lam0: Any, tol: float, max_iter: int, weights: _Weights 
         # Safeguard: when π_λ is nearly deterministic the Hessian vanishes and a Newton step can leap by
         # 1e200; cap each move at 10x the current λ (or λ's natural unit), so λ can still grow geometrically.
         step = min(1.0, 10.0 * max(float(np.abs(lam).max()), lam_unit) / max(float(np.abs(d).max()), 1e-300))
+        # The measured contraction predicts that this step ends the solve: its pass then computes the predictions
+        # instead of ∇²D, and still checks the stop. (A prediction, not a bound: the bound that would let the step
+        # be taken without its pass, from |∇³D[d,u,u]| <= (max_x range_k dᵀg / β) ∇²D[u,u], was 1.2e-7 on
+        # bench/dual_solver.py's instance, 80x the actual 1.5e-9 and above tol · scale = 7.6e-9.)
         last = contraction is not None and step == 1.0 and contraction * pgn**2 <= tol * scale and predictions
         noise = 1e-14 * (1.0 + abs(point.value))  # D's rounding: a smaller decrease cannot be measured
         accepted, first = False, True
