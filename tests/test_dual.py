@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from alignment import dual
 from alignment.dual import bootstrap, dual_terms, newton_correction, solve_dual, solve_front, tilted_weights
 
 pytestmark = pytest.mark.fast  # the developers' tier (make test-fast)
@@ -213,6 +214,193 @@ def test_bootstrap_intervals_cover_and_are_reproducible():
     assert a.lam.low[0] < a.lam.estimate[0] < a.lam.high[0]
     assert a.predicted_reward_gain.low < a.predicted_reward_gain.high
     assert a.infeasible_fraction == 0.0 and a.samples["lam"].shape == (60, 1)
+
+
+def bootstrap_per_resample(reward, safety, margin, beta, *, ref_logprob=None, n_resamples, seed, level=0.95):
+    """The reference bootstrap, through the public API only: every resample's scores copied and solved on their own
+    (from the full-sample λ̂, as ``bootstrap`` does), with the same draws."""
+    full = solve_dual(reward, safety, margin, beta, ref_logprob=ref_logprob)
+    rng = np.random.default_rng(seed)
+    n = reward.shape[0]
+    draws = {key: [] for key in ("lam", "safety_gain", "reward_gain", "kl", "safety_gain_at_lam", "reward_gain_at_lam")}
+    infeasible = 0
+    for _ in range(n_resamples):
+        idx = rng.integers(0, n, size=n)
+        args = (reward[idx], safety[idx], margin, beta)
+        lp = None if ref_logprob is None else ref_logprob[idx]
+        if full.feasible:
+            fixed = dual_terms(*args, full.lam, ref_logprob=lp)
+            draws["safety_gain_at_lam"].append(fixed.safety_gain)
+            draws["reward_gain_at_lam"].append(fixed.reward_gain)
+        sol = solve_dual(*args, ref_logprob=lp, lam0=full.lam if full.feasible else None)
+        if not sol.feasible:
+            infeasible += 1
+            continue
+        draws["lam"].append(sol.lam)
+        draws["safety_gain"].append(sol.predicted_safety_gain)
+        draws["reward_gain"].append(sol.predicted_reward_gain)
+        draws["kl"].append(sol.predicted_kl)
+    alpha = (1 - level) / 2
+    intervals = {key: np.quantile(np.asarray(v, float), [alpha, 1 - alpha], axis=0) if v else None
+                 for key, v in draws.items()}
+    return intervals, infeasible / n_resamples, {key: np.asarray(v, float) for key, v in draws.items()}
+
+
+FIELDS = {"lam": "lam", "safety_gain": "predicted_safety_gain", "reward_gain": "predicted_reward_gain",
+          "kl": "predicted_kl", "safety_gain_at_lam": "safety_gain_at_lam", "reward_gain_at_lam": "reward_gain_at_lam"}
+
+
+@pytest.mark.parametrize(
+    ("m", "non_uniform", "margin_at", "infeasible"),
+    [
+        (1, False, 0.5, "none"),
+        (2, True, 0.5, "none"),
+        (1, False, 0.97, "some"),  # margin near the reachable one: some resamples cannot reach it
+        (1, True, 1.02, "full"),  # the full sample cannot: every resample solved from λ = 0, most infeasible
+    ],
+)
+def test_bootstrap_equals_solving_each_resample(m, non_uniform, margin_at, infeasible):
+    """The reweighted bootstrap (no copies; the Chebyshev interpolant for one constraint when the resamples' λ* are
+    close enough, else projected Newton from per-prompt terms at λ̂, as for m = 2, margins near the reachable one
+    and an infeasible full sample) gives the intervals of solving every resample on its own, for the same seed, to
+    the solver's tolerance, infeasible resamples included."""
+    reward, safety, ref_logprob = make_instance(14, n=50, k=6, m=m, non_uniform=non_uniform)
+    q = ref_weights(ref_logprob, 50, 6)[:, :, None]
+    reach = safety.max(axis=1).mean(axis=0) - (q * safety).sum(axis=1).mean(axis=0)
+    margin = margin_at * reach
+    if m > 1:
+        margin[-1] = -0.2  # slack: λ = 0 exactly in most resamples
+    fast = bootstrap(reward, safety, margin, 0.5, ref_logprob=ref_logprob, n_resamples=40, seed=3)
+    ref, ref_infeasible, ref_samples = bootstrap_per_resample(reward, safety, margin, 0.5, ref_logprob=ref_logprob,
+                                                              n_resamples=40, seed=3)
+    assert fast.infeasible_fraction == ref_infeasible
+    if infeasible == "none":
+        assert fast.infeasible_fraction == 0.0
+    elif infeasible == "some":
+        assert 0.0 < fast.infeasible_fraction < 1.0
+    else:
+        assert not np.isfinite(fast.lam.estimate).any() and fast.samples["safety_gain_at_lam"].size == 0
+        assert 0.0 < fast.infeasible_fraction < 1.0
+    for key, field in FIELDS.items():
+        np.testing.assert_allclose(fast.samples[key], ref_samples[key], rtol=0, atol=1e-8, err_msg=key)
+        got = getattr(fast, field)
+        if ref[key] is None:
+            assert np.all(np.isnan(got.low)) and np.all(np.isnan(got.high))
+        else:
+            np.testing.assert_allclose([got.low, got.high], ref[key], rtol=0, atol=1e-8, err_msg=key)
+
+
+@pytest.mark.parametrize("where", ["interior", "near_zero"])
+def test_bootstrap_on_the_interpolant_equals_solving_each_resample(where, monkeypatch):
+    """One constraint, resamples' λ* close together: every resample solved on the Chebyshev interpolant (no pass of
+    its own, no Newton fallback), with the intervals of solving each on its own; near_zero: the margin just above
+    what π_0 already gains, so some resamples have λ* = 0 exactly."""
+    reward, safety, ref_logprob = make_instance(18, n=300, k=8, m=1, non_uniform=True)
+    beta = 0.5
+    if where == "interior":
+        q = ref_weights(ref_logprob, 300, 8)[:, :, None]
+        margin = 0.5 * (safety.max(axis=1).mean(axis=0) - (q * safety).sum(axis=1).mean(axis=0))
+    else:
+        margin = dual_terms(reward, safety, 0.0, beta, [0.0], ref_logprob=ref_logprob).safety_gain + 0.01
+    newton = []
+    solve = dual._solve
+    monkeypatch.setattr(dual, "_solve", lambda *a, **kw: newton.append(kw.get("weights")) or solve(*a, **kw))
+    fast = bootstrap(reward, safety, margin, beta, ref_logprob=ref_logprob, n_resamples=40, seed=3)
+    assert newton == [None]  # the full-sample solve only
+    monkeypatch.undo()
+    ref, ref_infeasible, ref_samples = bootstrap_per_resample(reward, safety, margin, beta, ref_logprob=ref_logprob,
+                                                              n_resamples=40, seed=3)
+    assert fast.infeasible_fraction == ref_infeasible == 0.0
+    if where == "near_zero":
+        assert 0 < np.sum(fast.samples["lam"] == 0.0) < 40
+    for key, field in FIELDS.items():
+        np.testing.assert_allclose(fast.samples[key], ref_samples[key], rtol=0, atol=1e-8, err_msg=key)
+        got = getattr(fast, field)
+        np.testing.assert_allclose([got.low, got.high], ref[key], rtol=0, atol=1e-8, err_msg=key)
+
+
+def test_reweighted_point_equals_a_weighted_pass():
+    """A resample's D, ∇D, ∇²D and predictions at λ from per-prompt terms (no pass) equal a pass with its weights,
+    and equal the same quantities on the copied resample."""
+    reward, safety, ref_logprob = make_instance(15, n=40, k=7, m=2, non_uniform=True)
+    margin, beta, lam = np.array([0.1, -0.1]), 0.6, np.array([0.4, 0.2])
+    p = dual._prepare(reward, safety, margin, beta, ref_logprob)
+    idx = np.random.default_rng(0).integers(0, 40, size=40)
+    weights = dual._Resampler(p).weights(idx)
+    at = dual._Point(p, lam, reward=True, per_prompt=True).reweighted(weights)
+    swept = dual._Point(p, lam, weights, hessian=True, reward=True)
+    copied = dual_terms(reward[idx], safety[idx], margin, beta, lam, ref_logprob=ref_logprob[idx])
+    for point in (at, swept):
+        assert point.value == pytest.approx(copied.value, abs=1e-13)
+        np.testing.assert_allclose(point.grad, copied.grad, atol=1e-13)
+        np.testing.assert_allclose(point.hessian, copied.hessian, atol=1e-13)
+        assert point.reward_gain == pytest.approx(copied.reward_gain, abs=1e-13)
+        assert point.kl == pytest.approx(copied.kl, abs=1e-13)
+
+
+def test_warm_start_from_a_subsample_of_prompts():
+    """From 1,024 prompts on, λ* of every 16th prompt warm-starts the full solve: same λ* as a cold start."""
+    reward, safety, _ = make_instance(16, n=5000, k=6, m=2)
+    sol = solve_dual(reward, safety, [0.3, 0.1], 0.5)
+    cold = solve_dual(reward, safety, [0.3, 0.1], 0.5, lam0=[0.0, 0.0])  # lam0 given: no warm start
+    assert "warm start" in sol.message and "warm start" not in cold.message
+    assert sol.converged and cold.converged
+    np.testing.assert_allclose(sol.lam, cold.lam, rtol=0, atol=1e-9)
+    assert sol.iterations <= 3 < cold.iterations
+    np.testing.assert_array_equal(sol.history[-1], sol.lam)
+
+
+def test_warm_started_solve_matches_the_root_of_an_independent_gradient():
+    """The large-N path (subsample warm start, Newton steps judged by the projected gradient near the optimum)
+    against ∇D written out directly (logsumexp over the raw scores, not the solver's layout or pass) and solved
+    by scipy's root finder: both constraints active, so λ* is the root of ∇D."""
+    import scipy.optimize
+
+    n, k = 3000, 16
+    reward, safety, ref_logprob = make_instance(22, n=n, k=k, m=2, non_uniform=True)
+    margin, beta = np.array([0.4, 0.2]), 0.2
+    q = ref_weights(ref_logprob, n, k)
+    ref_g = (q[:, :, None] * safety).sum(axis=1).mean(axis=0)
+
+    def grad(lam):
+        s = np.log(q) + (reward + safety @ lam) / beta
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        return np.einsum("nk,nkj->j", e / e.sum(axis=1, keepdims=True), safety) / n - ref_g - margin
+
+    root = scipy.optimize.root(grad, np.full(2, 0.4), tol=1e-14).x
+    assert np.all(root > 0.1) and np.abs(grad(root)).max() < 1e-14
+    sol = solve_dual(reward, safety, margin, beta, ref_logprob=ref_logprob, tol=1e-11)
+    assert "warm start" in sol.message and sol.converged
+    np.testing.assert_allclose(sol.lam, root, rtol=0, atol=1e-12)
+
+
+def test_tight_tolerance_does_not_stall_the_line_search():
+    """Below D's rounding the Armijo test sees only noise; the Newton step is then judged by the projected
+    gradient. (Judged by D, this instance halved its steps to nothing: 120 passes, and it ended at a projected
+    gradient of 3e-10, accepted only by the 1000 tol floor.)"""
+    rng = np.random.default_rng(21)
+    reward = rng.normal(size=(60, 8))
+    safety = rng.normal(size=(60, 8, 1)) - 0.6 * reward[:, :, None]
+    sol = solve_dual(reward, safety, 0.3, 0.5, tol=1e-12)
+    assert sol.converged and sol.iterations <= 6
+    scale = max(np.abs(safety).max(), 1.0)
+    assert np.abs(sol.lam - np.maximum(sol.lam - sol.grad, 0.0)).max() <= 1e-12 * scale
+    np.testing.assert_allclose(sol.lam, solve_dual(reward, safety, 0.3, 0.5).lam, atol=1e-9)
+
+
+def test_negative_lambda_and_far_out_lambda_against_direct_formula():
+    """Plots evaluate D at λ < 0 and at large λ, where the layout's per-prompt shift is not tight: the pass then
+    shifts by the exact row maxima."""
+    reward, safety, ref_logprob = make_instance(17, n=6, k=5, m=2, non_uniform=True)
+    q = ref_weights(ref_logprob, 6, 5)
+    margin, beta = np.array([0.1, -0.2]), 0.05
+    for lam in (np.array([-12.0, 0.3]), np.array([60.0, 0.0])):  # exp(s) would overflow / underflow
+        s = np.log(q) + (reward + safety @ lam) / beta
+        top = s.max(axis=1, keepdims=True)
+        lse = (top[:, 0] + np.log(np.exp(s - top).sum(axis=1)))
+        direct = beta * lse.mean() - lam @ ((q[:, :, None] * safety).sum(axis=1).mean(axis=0) + margin)
+        assert dual_terms(reward, safety, margin, beta, lam, ref_logprob=ref_logprob).value == pytest.approx(
+            direct, rel=1e-12)
 
 
 @pytest.mark.parametrize(
