@@ -289,8 +289,9 @@ class LanguageWorld:
             prompt_of = {}
             for x, row in zip(items["prompt"].tolist(), all_ids.tolist()):
                 prompt_of.update(dict.fromkeys(row, x))
-            ref[used] = self.sequence_logprob(None, [self.sample_prompts[prompt_of[i]] for i in used.tolist()],
-                                              [self.texts[i] for i in used.tolist()])
+            order = sorted(used.tolist(), key=lambda i: (prompt_of[i], i))  # a prompt's responses together
+            ref[order] = self.sequence_logprob(None, [self.sample_prompts[prompt_of[i]] for i in order],
+                                               [self.texts[i] for i in order])
         tokenizer, max_length = self.model.tokenizer, self.model_cfg.max_length
         share = shares_prompt(share_prompt)
 
@@ -299,7 +300,7 @@ class LanguageWorld:
             b, j = ys.shape
             ids = ys.flatten()
             prompts = [self.sample_prompts[int(x)] for x in batch["prompt"] for _ in range(j)]
-            # One forward per prompt in the batch (its responses on one run of the prompt), or one flat forward.
+            # Each distinct prompt of the batch run once for its responses (two forwards), or one flat forward.
             logp, tokens = prompt_logprob(model, tokenizer, prompts, [self.texts[int(i)] for i in ids],
                                           max_length=max_length, share_prompt=share)
             self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
