@@ -930,14 +930,19 @@ def bootstrap(
     for w, start, sol in zip(weights, starts, solved):
         if sol is None:  # projected Newton from λ̂ on the resample's weights
             sol = _solve(p, full.lam if full.feasible else None, tol, 100, weights=w, start=start)
-        if not sol.feasible:
-            infeasible += 1
-            continue
-        draws["lam"].append(sol.lam)
-        draws["safety_gain"].append(sol.predicted_safety_gain)
-        draws["reward_gain"].append(sol.predicted_reward_gain)
-        draws["kl"].append(sol.predicted_kl)
+        infeasible += not _add_draw(draws, sol)
     return _bootstrap_result(full, draws, level, int(n_resamples), infeasible)
+
+
+def _add_draw(draws: dict[str, list], sol: DualSolution) -> bool:
+    """Append a resample's solution to the bootstrap draws; False (nothing added) when it is infeasible."""
+    if not sol.feasible:
+        return False
+    draws["lam"].append(sol.lam)
+    draws["safety_gain"].append(sol.predicted_safety_gain)
+    draws["reward_gain"].append(sol.predicted_reward_gain)
+    draws["kl"].append(sol.predicted_kl)
+    return True
 
 
 _CHEBYSHEV_NODES = (16, 32, 64)  # tried in turn, while cheaper than Newton's ~2 passes per resample

@@ -52,6 +52,7 @@ from scipy.optimize import minimize  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignment.dual import (  # noqa: E402
+    _add_draw,
     _bootstrap_result,
     _Point,
     _prepare,
@@ -157,14 +158,7 @@ def bootstrap_per_resample(reward, safety, margin, beta, *, ref_logprob=None, n_
             fixed = _Point(sub, full.lam, reward=True)
             draws["safety_gain_at_lam"].append(fixed.safety_gain)
             draws["reward_gain_at_lam"].append(fixed.reward_gain)
-        sol = _solve(sub, full.lam if full.feasible else None, tol, 100)
-        if not sol.feasible:
-            infeasible += 1
-            continue
-        draws["lam"].append(sol.lam)
-        draws["safety_gain"].append(sol.predicted_safety_gain)
-        draws["reward_gain"].append(sol.predicted_reward_gain)
-        draws["kl"].append(sol.predicted_kl)
+        infeasible += not _add_draw(draws, _solve(sub, full.lam if full.feasible else None, tol, 100))
     return _bootstrap_result(full, draws, level, int(n_resamples), infeasible)
 
 
