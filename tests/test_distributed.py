@@ -115,10 +115,12 @@ def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 #   large relative change, still moves by up to lr: float noise becomes lr-sized moves of a few coordinates, and
 #   no bound of the form "ulps x constant" holds for the trajectory. The test measures that noise instead, in
 #   the same run: a twin of the single process with another, equally valid split of each global batch (two
-#   micro-batches of 8 instead of four of 4) does the same sums in another order. A launch may differ from
-#   the single process by at most NOISE_FACTOR times the twin's largest deviation so far (a launch reorders
-#   at a few more places than the twin: the all-reduce, the sharded norm, the flattened buckets), and never
-#   by less than the step-1 bound.
+#   micro-batches of 8 instead of four of 4) does the same sums in another order. From step 2 a launch may
+#   differ from the single process by at most NOISE_FACTOR times the twin's largest deviation over steps 2-8
+#   (a launch reorders at a few more places than the twin: the all-reduce, the sharded norm, the flattened
+#   buckets), and never by less than the step-1 bound. Over the whole run, not "so far": two noise sources
+#   need not grow in step, and on one rounding draw ZeRO-2's step-2 loss moved 4.2e-7 while the twin's moved
+#   2.6e-8 at step 2 and 1.2e-6 at step 3 (ZeRO-2's 6.6e-7 there), with identical step-1 numbers.
 #
 # What bugs do, measured on the toy world with DDP and ZeRO-2 (two ranks, two micro-batches each): dropping the
 # world-size factor from the loss halves every gradient norm (relative 0.5 from step 1; the twin's noise is
@@ -133,16 +135,20 @@ def _assert_trains_like_one_process(reference: Path, twin: Path, run: Path) -> N
     assert len(ref) == len(tw) == len(got) == 8, (len(ref), len(tw), len(got))
     n_weights = sum(w.numel() for w in _adapter(reference).values())
     loss_floor, norm_floor = 1e-15, (n_weights + 4) * U / 2
-    loss_noise, norm_noise = loss_floor, norm_floor
-    for step, (r, t, g) in enumerate(zip(ref, tw, got), start=1):
+    # The twin's largest deviation from step 2 on: how far float noise alone carries a run on these batches.
+    loss_noise = max([loss_floor] + [abs(t["train/loss"] - r["train/loss"]) / abs(r["train/loss"])
+                                     for r, t in zip(ref[1:], tw[1:])])
+    norm_noise = max([norm_floor] + [abs(t["train/grad_norm"] - r["train/grad_norm"]) / r["train/grad_norm"]
+                                     for r, t in zip(ref[1:], tw[1:])])
+    for step, (r, g) in enumerate(zip(ref, got), start=1):
         loss_dev = abs(g["train/loss"] - r["train/loss"]) / abs(r["train/loss"])
         norm_dev = abs(g["train/grad_norm"] - r["train/grad_norm"]) / r["train/grad_norm"]
-        if step > 1:  # the twin's deviation so far: noise amplified by Adam's steps up to this one
-            loss_noise = max(loss_noise, abs(t["train/loss"] - r["train/loss"]) / abs(r["train/loss"]))
-            norm_noise = max(norm_noise, abs(t["train/grad_norm"] - r["train/grad_norm"]) / r["train/grad_norm"])
-        factor = 1.0 if step == 1 else NOISE_FACTOR
-        assert loss_dev <= factor * loss_noise, (step, "loss", loss_dev, loss_noise)
-        assert norm_dev <= factor * norm_noise, (step, "grad norm", norm_dev, norm_noise)
+        if step == 1:  # identical weights: the float bounds themselves
+            assert loss_dev <= loss_floor, (step, "loss", loss_dev, loss_floor)
+            assert norm_dev <= norm_floor, (step, "grad norm", norm_dev, norm_floor)
+        else:
+            assert loss_dev <= NOISE_FACTOR * loss_noise, (step, "loss", loss_dev, loss_noise)
+            assert norm_dev <= NOISE_FACTOR * norm_noise, (step, "grad norm", norm_dev, norm_noise)
     w_ref, w_twin, w_got = _adapter(reference), _adapter(twin), _adapter(run)
     assert w_ref.keys() == w_got.keys()
     scale = max(float(w.abs().max()) for w in w_ref.values())
