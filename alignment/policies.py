@@ -214,6 +214,15 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+def prompt_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """One forward of left-padded prompts [G, P] that keeps their keys and values (``.cache``), with the
+    position ids generate() gives them (real tokens counted from 0) and logits for the last position only
+    where the model takes ``logits_to_keep``. Responses or samples then run on top of the cache."""
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+
+
 def groups_logprob_sum(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ over response tokens of log p(token | prompt, earlier tokens) for each response of
     :func:`encode_groups`, [B]: the numbers :func:`token_logprob_sum` gives for the flat pairs, with each
@@ -233,9 +242,7 @@ def groups_logprob_sum(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.
     b, width = ids.shape
     if width == 0:
         return torch.zeros(b, device=device)
-    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    head = model(input_ids=prompt, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, **kwargs)
+    head = prompt_forward(model, prompt, prompt_mask)
     first = head.logits[:, -1].float().log_softmax(-1)[group, ids[:, 0]]  # each first token, from its prompt
     cache = head.cache  # (transformers 5.x names the key-value cache ``cache``, formerly ``past_key_values``)
     cache.batch_select_indices(group)  # one row per response

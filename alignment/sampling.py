@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alignment.policies import _accepts_logits_to_keep, _token_ids, format_prompt
+from alignment.policies import _token_ids, format_prompt, prompt_forward
 
 BACKENDS = ("hf", "vllm")
 VLLM_MISSING = ("sampling.backend=vllm: vLLM is not installed in this environment. Install it with "
@@ -109,11 +109,7 @@ def _shared_prompts(model: Any, enc: Any, k: int) -> dict[str, Any]:
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if k == 1 or ids.shape[1] < 2:
         return {"input_ids": ids, "attention_mask": mask, "num_return_sequences": k}
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    head = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                 use_cache=True, **kwargs)
-    cache = head.cache  # (transformers 5.x names the key-value cache ``cache``, formerly ``past_key_values``)
+    cache = prompt_forward(model, ids[:, :-1], mask[:, :-1]).cache  # (transformers 5.x names the key-value cache ``cache``, formerly ``past_key_values``)
     cache.batch_repeat_interleave(k)
     return {"input_ids": ids.repeat_interleave(k, dim=0), "attention_mask": mask.repeat_interleave(k, dim=0),
             "cache": cache}

@@ -164,6 +164,14 @@ def _del_path(target: dict[str, Any], keys: Sequence[str]) -> None:
         node.pop(keys[-1], None)
 
 
+def _apply(target: dict[str, Any], record: Any) -> None:
+    """A config or summary record's updates and removals, applied to ``target`` in that order."""
+    for item in record.update:
+        _set_path(target, _item_path(item.key, item.nested_key), _decode(item.value_json))
+    for item in record.remove:
+        _del_path(target, _item_path(item.key, item.nested_key))
+
+
 def _resolve_log_file(path: Path) -> Path:
     if path.is_file():
         return path
@@ -200,15 +208,9 @@ def _replay(log_file: Path) -> OfflineRun:
             group = run.run_group or group
             job_type = run.job_type or job_type
             tags = list(run.tags)
-            for item in run.config.update:
-                _set_path(config, _item_path(item.key, item.nested_key), _decode(item.value_json))
-            for item in run.config.remove:
-                _del_path(config, _item_path(item.key, item.nested_key))
+            _apply(config, run.config)
         elif kind == "config":
-            for item in record.config.update:
-                _set_path(config, _item_path(item.key, item.nested_key), _decode(item.value_json))
-            for item in record.config.remove:
-                _del_path(config, _item_path(item.key, item.nested_key))
+            _apply(config, record.config)
         elif kind == "history":
             row: dict[str, Any] = {}
             for item in record.history.item:
@@ -217,10 +219,7 @@ def _replay(log_file: Path) -> OfflineRun:
                 row.setdefault("_step", record.history.step.num)
             history.append(row)
         elif kind == "summary":
-            for item in record.summary.update:
-                _set_path(summary, _item_path(item.key, item.nested_key), _decode(item.value_json))
-            for item in record.summary.remove:
-                _del_path(summary, _item_path(item.key, item.nested_key))
+            _apply(summary, record.summary)
         elif kind == "files":
             for file_item in record.files.files:
                 files[file_item.path] = None
