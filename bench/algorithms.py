@@ -6,7 +6,7 @@ the same stages, scorers and evaluation. The artifacts every algorithm shares (Ï
 the reference's evaluation samples) are built once first; each algorithm then starts from a copy of that cache,
 so its wall time counts only its own work.
 
-    python bench/algorithms.py                        # toy world, margin 0.5 (about 25 minutes on 2 CPU cores)
+    python bench/algorithms.py                        # toy world, margin 0.5 (about 30 minutes on 2 CPU cores)
     python bench/algorithms.py --world tabular        # seconds
     python bench/algorithms.py --only mocan safe_rlhf --set algorithm.safe_rlhf.steps=50
 
