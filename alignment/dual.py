@@ -323,6 +323,19 @@ def _scores(c: np.ndarray, xb: np.ndarray, out: np.ndarray, tmp: np.ndarray | No
         out += tmp
 
 
+def _exp_block(c: np.ndarray, xb: np.ndarray, s: np.ndarray, tmp: np.ndarray | None, e: np.ndarray,
+               ones: np.ndarray, lse: np.ndarray, *, shift: bool) -> np.ndarray:
+    """One block's e = exp(scores) in place (``s`` flat, ``e`` its [r, K] view) and its row sums z. ``shift``:
+    subtract each row's maximum first and add it to ``lse`` (in place), for λ < 0 or a loose shift."""
+    _scores(c, xb, s, tmp)
+    if shift:
+        row_max = e.max(axis=1)
+        e -= row_max[:, None]
+        lse += row_max
+    np.exp(s, out=s)
+    return e @ ones
+
+
 class _Point:
     """D at one λ and, from the same pass over the scores, what ∇D, ∇²D and the predictions there need.
 
@@ -374,20 +387,10 @@ class _Point:
                 xb = p.x[:, a:b].reshape(m + 1, r * k)
                 s = buf[: r * k]
                 e = s.reshape(r, k)
-                _scores(c, xb, s, None if tmp is None else tmp[: r * k])
-                if exact:
-                    row_max = e.max(axis=1)
-                    e -= row_max[:, None]
-                    lse[a:b] += row_max
-                np.exp(s, out=s)
-                z = e @ ones
+                tb = None if tmp is None else tmp[: r * k]
+                z = _exp_block(c, xb, s, tb, e, ones, lse[a:b], shift=exact)
                 if not exact and z.min() < _TINY:  # the bound top @ c is far above this block's scores
-                    _scores(c, xb, s, None if tmp is None else tmp[: r * k])
-                    row_max = e.max(axis=1)
-                    e -= row_max[:, None]
-                    lse[a:b] += row_max
-                    np.exp(s, out=s)
-                    z = e @ ones
+                    z = _exp_block(c, xb, s, tb, e, ones, lse[a:b], shift=True)
                 lse[a:b] += np.log(z)
                 if not (grad or store is not None):
                     continue
@@ -479,8 +482,8 @@ class _Point:
     def weights(self) -> np.ndarray:
         """π_λ over the listed responses, [N, K]."""
         out = np.empty(self.p.reward.shape)
-        self._sweep(grad=self.has["grad"], hessian=self.has["hessian"], reward=self.has["reward"],
-                    per_prompt=self.has["per_prompt"], store=out)
+        # A pass that only stores π_λ: the terms already computed stay as they are (the same λ, the same values).
+        self._sweep(grad=False, hessian=False, reward=False, per_prompt=False, store=out)
         return out
 
     def terms(self) -> DualTerms:
