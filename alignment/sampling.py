@@ -109,7 +109,8 @@ def _shared_prompts(model: Any, enc: Any, k: int) -> dict[str, Any]:
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if k == 1 or ids.shape[1] < 2:
         return {"input_ids": ids, "attention_mask": mask, "num_return_sequences": k}
-    cache = prompt_forward(model, ids[:, :-1], mask[:, :-1]).cache  # (transformers 5.x names the key-value cache ``cache``, formerly ``past_key_values``)
+    # transformers 5.x names the key-value cache ``cache`` (formerly ``past_key_values``)
+    cache = prompt_forward(model, ids[:, :-1], mask[:, :-1]).cache
     cache.batch_repeat_interleave(k)
     return {"input_ids": ids.repeat_interleave(k, dim=0), "attention_mask": mask.repeat_interleave(k, dim=0),
             "cache": cache}
