@@ -21,6 +21,7 @@ from alignment.algorithms import AlignmentContext, InfeasibleMarginError, Lambda
 from alignment.compute import StageTimer
 from alignment.config import Config, check_world
 from alignment.console import quiet_libraries
+from alignment.diagnosis import diagnose
 from alignment.dual import dual_path, dual_terms
 from alignment.fit import fit_diagnostics
 from alignment.intervals import percentile_interval
@@ -310,6 +311,7 @@ def run_experiment(cfg: Config, *, resolved_config: dict[str, Any] | None = None
             "eval/level": cfg.eval.level,
             "eval/tolerance": cfg.eval.tolerance,
         })
+        summary["eval/diagnosis"] = diagnose(summary)  # where a missed margin's gap is (alignment/diagnosis.py)
         summary["status"] = "completed"
     except InfeasibleMarginError as err:
         summary.update({"status": "infeasible", "dual/feasible": False, "error": str(err)})
@@ -438,6 +440,7 @@ def format_report(summary: dict[str, Any]) -> str:
            "responses stage 2 never saw)"] if summary.get("fit/log_mass") is not None else []),
         f"constraint met (tolerance {summary.get('eval/tolerance', 0):g}): {summary['eval/constraint_met']}   "
         + closing,
+        *([f"  the gap points to {summary['eval/diagnosis']}"] if summary.get("eval/diagnosis") else []),
         (f"compute: {compute} training runs, {summary['compute/generated_tokens']:,} generated tokens, "
          f"{summary['compute/forward_tokens']:,} forward / {summary['compute/backward_tokens']:,} backward tokens, "
          f"{summary['compute/scorer_calls']:,} scorer calls, {summary['compute/wall_seconds']:.1f} s"

@@ -7,7 +7,9 @@ adapter disabled.
         ref = sequence_logprob(policy.model, policy.tokenizer, prompts, responses)
 
 Log-probabilities are summed over the response tokens only; the prompt is formatted with the tokenizer's chat
-template when it has one, so scoring, sampling and training all see the same text.
+template when it has one, so scoring, sampling and training all see the same text. A response is either a text
+(a complete answer: tokenised on its own, EOS appended) or the token ids a model generated, taken as they are
+(:data:`Response`): a sample's log-probability is that of the tokens drawn, never of its decoded text re-encoded.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from alignment import distributed
 from alignment.config import HFModelConfig
 
 log = logging.getLogger(__name__)
+
+# A response: a text, which is a complete answer (tokenised, + EOS), or the ids a model generated, as they are
+# (up to and including the EOS where it ended; alignment/sampling.py's ``Samples.token_ids``).
+Response = str | tuple[int, ...]
 
 
 @dataclass
@@ -105,16 +111,30 @@ def format_prompt(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
-def _pair_ids(tokenizer: Any, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of the formatted prompt and of the response (+ EOS); a pair longer than ``max_length`` loses
-    the end of its response, never the prompt. The prompt is tokenised on its own so the boundary is exact."""
-    p_ids = list(_token_ids(tokenizer, format_prompt(tokenizer, prompt)))
+def response_token_ids(tokenizer: Any, response: Response) -> list[int]:
+    """The ids a response is scored as: a generated response's own ids; a text's tokens + EOS (a complete
+    answer, e.g. a dataset's)."""
+    if not isinstance(response, str):
+        return list(response)
     r_ids = list(_token_ids(tokenizer, response))
-    if tokenizer.eos_token_id is not None:
-        r_ids = [*r_ids, tokenizer.eos_token_id]
+    return [*r_ids, tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else r_ids
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The ids a response is generated after and scored after: the formatted prompt tokenised on its own, with
+    BOS in front when there is no chat template (a template writes its own). Sampling and every log-probability
+    use this one function, so a sample is scored after exactly the tokens it was drawn after."""
+    ids = list(_token_ids(tokenizer, format_prompt(tokenizer, prompt)))
     if not getattr(tokenizer, "chat_template", None) and tokenizer.bos_token_id is not None:
-        p_ids = [tokenizer.bos_token_id, *p_ids]
-    return p_ids, r_ids[: max(max_length - len(p_ids), 1)]
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def _pair_ids(tokenizer: Any, prompt: str, response: Response, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (:func:`prompt_token_ids`) and of the response (:func:`response_token_ids`); a
+    pair longer than ``max_length`` loses the end of its response, never the prompt."""
+    p_ids = prompt_token_ids(tokenizer, prompt)
+    return p_ids, response_token_ids(tokenizer, response)[: max(max_length - len(p_ids), 1)]
 
 
 def _right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,11 +148,24 @@ def _right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor
     return ids, mask
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids left-padded to the longest, [B, L], with the mask of real tokens (long): every row
+    ends at the same position, where its continuation (a response, a generation) starts."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids, mask
+
+
 def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, max_length: int
+def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[Response], *, max_length: int
                  ) -> dict[str, torch.Tensor]:
     """Right-padded prompt+response token ids with a mask selecting the response tokens (and the EOS).
 
@@ -147,7 +180,7 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str
     return {"input_ids": input_ids, "attention_mask": attention.long(), "response_mask": response_mask}
 
 
-def encode_groups(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, max_length: int
+def encode_groups(tokenizer: Any, prompts: Sequence[str], responses: Sequence[Response], *, max_length: int
                   ) -> dict[str, torch.Tensor]:
     """Pairs (prompts[i], responses[i]) laid out for :func:`groups_logprob_sum`: each distinct prompt once,
     left-padded, prompt_ids and prompt_mask [G, P]; the responses right-padded, response_ids and response_mask
@@ -158,13 +191,7 @@ def encode_groups(tokenizer: Any, prompts: Sequence[str], responses: Sequence[st
     prompt_rows: list[list[int]] = [[] for _ in row_of]
     for g, (p_ids, _) in zip(group.tolist(), pairs):
         prompt_rows[g] = p_ids
-    width = max((len(r) for r in prompt_rows), default=0)
-    prompt_ids = torch.full((len(prompt_rows), width), _pad_id(tokenizer), dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompt_rows), width), dtype=torch.long)
-    for i, row in enumerate(prompt_rows):  # left padding: every prompt ends where its responses start
-        if row:
-            prompt_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            prompt_mask[i, width - len(row):] = 1
+    prompt_ids, prompt_mask = left_padded(prompt_rows, _pad_id(tokenizer))  # every prompt ends where its responses start
     response_ids, response_mask = _right_padded([r for _, r in pairs], _pad_id(tokenizer))
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask, "group": group}
@@ -255,7 +282,7 @@ def groups_logprob_sum(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.
     return first * mask[:, 0] + (rest * mask[:, 1:]).sum(dim=-1)
 
 
-def prompt_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
+def prompt_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Response], *,
                    max_length: int, batch_size: int | None = None, share_prompt: bool = True
                    ) -> tuple[torch.Tensor, int]:
     """log π(y|x) summed over response tokens for each (prompt, response), [B] float32 in input order, and the
@@ -289,7 +316,7 @@ LOGPROB_BATCH = 32  # pairs per forward in sequence_logprob
 
 
 @torch.no_grad()
-def sequence_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
+def sequence_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Response], *,
                      batch_size: int = LOGPROB_BATCH, max_length: int = 512) -> torch.Tensor:
     """log π(y|x) summed over response tokens for each (prompt, response), [B] float64, in input order
     (:func:`prompt_logprob`: each distinct prompt of a batch run once). Pairs are taken in input order: callers

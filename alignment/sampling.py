@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alignment.policies import _token_ids, format_prompt, prompt_forward
+from alignment.policies import _pad_id, left_padded, prompt_forward, prompt_token_ids
 
 BACKENDS = ("hf", "vllm")
 VLLM_MISSING = ("sampling.backend=vllm: vLLM is not installed in this environment. Install it with "
@@ -30,13 +30,40 @@ VLLM_MISSING = ("sampling.backend=vllm: vLLM is not installed in this environmen
 
 
 class Samples(list):
-    """[N][K] response strings that also say how each ended: ``ended`` [N][K] bools, True where generation
-    stopped at EOS, False where it was cut at ``max_new_tokens`` (None: not recorded). A score model trained on
-    prompt + answer + eos scores the ended ones with EOS appended (``append_eos``, alignment/scorers.py)."""
+    """[N][K] response strings that also say how each ended and which tokens the model drew.
 
-    def __init__(self, responses: Sequence[Sequence[str]] = (), ended: list[list[bool]] | None = None) -> None:
+    ``ended`` [N][K] bools: True where generation stopped at EOS, False where it was cut at ``max_new_tokens``
+    (None: not recorded). A score model trained on prompt + answer + eos scores the ended ones with EOS
+    appended (``append_eos``, alignment/scorers.py).
+
+    ``token_ids`` [N][K] tuples: the generated ids themselves, up to and including the EOS where the model
+    ended (None: not recorded, e.g. a dataset's texts). Every log-probability of a sample is taken of these
+    ids, never of its decoded text re-encoded: decoding strips and merges tokens (a SentencePiece tokenizer
+    re-encodes a stripped text with a leading '▁' the model never drew), and a response cut at the length
+    limit has no EOS to score. The strings are for the scorers and for people.
+    """
+
+    def __init__(self, responses: Sequence[Sequence[str]] = (), ended: list[list[bool]] | None = None,
+                 token_ids: list[list[tuple[int, ...]]] | None = None) -> None:
         super().__init__(responses)
         self.ended = ended
+        self.token_ids = token_ids
+
+    def flat_ids(self) -> list[tuple[int, ...]] | None:
+        """``token_ids`` row after row, [N*K] (None when not recorded)."""
+        return None if self.token_ids is None else [tuple(ids) for row in self.token_ids for ids in row]
+
+
+def generated_ids(new: torch.Tensor, eos_token_id: int | None) -> tuple[list[tuple[int, ...]], list[bool]]:
+    """Each row of generate()'s new tokens [B, T] as the ids the model drew: up to and including its first EOS
+    (generate() pads a finished row after it, with whatever the pad id is), or the whole row when it was cut at
+    the length limit; and whether it ended at EOS."""
+    rows, ended = [], []
+    for row in new.tolist():
+        stop = row.index(eos_token_id) if eos_token_id is not None and eos_token_id in row else None
+        rows.append(tuple(row if stop is None else row[:stop + 1]))
+        ended.append(stop is not None)
+    return rows, ended
 
 
 @dataclass
@@ -61,38 +88,33 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
     k = spec.num_samples
     per_call = max(spec.batch_size // k, 1)  # prompts per generate() call
     device = next(model.parameters()).device
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     out: list[list[str]] = []
     ended: list[list[bool]] = []
-    try:
-        for b, start in enumerate(tqdm(range(0, len(prompts), per_call), desc=desc,
-                                        disable=None if progress else True, leave=False)):
-            chunk = prompts[start:start + per_call]
-            texts = [format_prompt(tokenizer, p) for p in chunk]
-            enc = tokenizer(texts, return_tensors="pt", padding=True,
-                            add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
-            inputs = _shared_prompts(model, enc, k)
-            # top_k=0: generate() otherwise truncates to the model's default top-50, and the dual's samples must
-            # come from π_ref itself. fork_rng leaves the caller's global RNG untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 1_000_003 + b)
-                generated = model.generate(
-                    **inputs, do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-                    max_new_tokens=spec.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                )
-            new = generated[:, enc["input_ids"].shape[1]:]
-            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-            out.extend([s.strip() for s in decoded[i * k:(i + 1) * k]] for i in range(len(chunk)))
-            # generate() stops a row at its first EOS (what follows is padding), so a row holding EOS ended and
-            # one without was cut at max_new_tokens, whatever the pad id.
-            stopped = ((new == tokenizer.eos_token_id).any(dim=1).tolist() if tokenizer.eos_token_id is not None
-                       else [False] * len(new))
-            ended.extend(stopped[i * k:(i + 1) * k] for i in range(len(chunk)))
-    finally:
-        tokenizer.padding_side = old_side
-    return Samples(out, ended)
+    token_ids: list[list[tuple[int, ...]]] = []
+    for b, start in enumerate(tqdm(range(0, len(prompts), per_call), desc=desc,
+                                    disable=None if progress else True, leave=False)):
+        chunk = prompts[start:start + per_call]
+        prompt_ids, prompt_mask = left_padded([prompt_token_ids(tokenizer, p) for p in chunk], _pad_id(tokenizer))
+        enc = {"input_ids": prompt_ids.to(device), "attention_mask": prompt_mask.to(device)}
+        inputs = _shared_prompts(model, enc, k)
+        # top_k=0: generate() otherwise truncates to the model's default top-50, and the dual's samples must
+        # come from π_ref itself. fork_rng leaves the caller's global RNG untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + b)
+            generated = model.generate(
+                **inputs, do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+                max_new_tokens=spec.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        # generate() stops a row at its first EOS (what follows is padding), so a row holding EOS ended and
+        # one without was cut at max_new_tokens, whatever the pad id.
+        ids, stopped = generated_ids(generated[:, prompt_ids.shape[1]:], tokenizer.eos_token_id)
+        decoded = tokenizer.batch_decode([list(row) for row in ids], skip_special_tokens=True)
+        for i in range(len(chunk)):
+            out.append([text.strip() for text in decoded[i * k:(i + 1) * k]])
+            ended.append(stopped[i * k:(i + 1) * k])
+            token_ids.append(ids[i * k:(i + 1) * k])
+    return Samples(out, ended, token_ids)
 
 
 @torch.no_grad()
@@ -152,13 +174,7 @@ class VLLMSampler:
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
-        chat = bool(getattr(self.tokenizer, "chat_template", None))
-        inputs = []
-        for p in prompts:
-            ids = list(_token_ids(self.tokenizer, format_prompt(self.tokenizer, p)))
-            if not chat and self.tokenizer.bos_token_id is not None:
-                ids = [self.tokenizer.bos_token_id, *ids]
-            inputs.append(TokensPrompt(prompt_token_ids=ids))
+        inputs = [TokensPrompt(prompt_token_ids=prompt_token_ids(self.tokenizer, p)) for p in prompts]
         params = [SamplingParams(n=spec.num_samples, temperature=spec.temperature, top_p=spec.top_p,
                                  max_tokens=spec.max_new_tokens, seed=seed * 1_000_003 + i,
                                  skip_special_tokens=True) for i in range(len(prompts))]
@@ -168,5 +184,12 @@ class VLLMSampler:
             lora_id = self._adapters.setdefault(path, len(self._adapters) + 1)
             lora = LoRARequest(f"adapter-{lora_id}", lora_id, path)
         outputs = self.engine.generate(inputs, params, lora_request=lora, use_tqdm=progress)
+        eos = self.tokenizer.eos_token_id
+
+        def drawn(c: Any) -> tuple[int, ...]:  # vLLM may leave the EOS it stopped at out of token_ids
+            ids = tuple(c.token_ids)
+            return ids + (eos,) if c.finish_reason == "stop" and eos is not None and ids[-1:] != (eos,) else ids
+
         return Samples([[c.text.strip() for c in out.outputs] for out in outputs],
-                       [[c.finish_reason == "stop" for c in out.outputs] for out in outputs])
+                       [[c.finish_reason == "stop" for c in out.outputs] for out in outputs],
+                       [[drawn(c) for c in out.outputs] for out in outputs])

@@ -48,7 +48,7 @@ def evaluate_held_out(stages: CachedStages, model: PolicyModel, prompts: list[st
     ref_r, ref_g = stages.score_texts(prompts, ref)
     pol_r, pol_g = stages.score_texts(prompts, generated)
     flat_p = [p for p in prompts for _ in range(m)]
-    flat_y = [y for row in generated for y in row]
+    flat_y = generated.flat_ids() or [y for row in generated for y in row]  # the drawn ids: the KL is of them
     with model.acting_as(policy):
         logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length)
     with handle.reference():

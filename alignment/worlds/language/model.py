@@ -125,19 +125,24 @@ class PolicyModel:
             self.activate(policy)
             yield
 
-    def token_count(self, prompts: list[str], responses: list[str], batch_size: int) -> int:
+    def token_count(self, prompts: list[str], responses: list[Any], batch_size: int) -> int:
         """Tokens :func:`alignment.policies.prompt_logprob` processes for these pairs in batches of
-        ``batch_size`` (each distinct prompt of a batch once, each response + EOS): what a forward over them costs."""
-        from alignment.policies import _token_ids, format_prompt
+        ``batch_size`` (each distinct prompt of a batch once, each response's ids): what a forward over them
+        costs. ``responses``: texts or generated ids (alignment.policies.Response)."""
+        from alignment.policies import _token_ids, format_prompt, response_token_ids
 
         tok = self.tokenizer
         prompt_len = {p: len(_token_ids(tok, format_prompt(tok, p))) for p in set(prompts)}
         return (sum(prompt_len[p] for s in range(0, len(prompts), batch_size) for p in set(prompts[s:s + batch_size]))
-                + sum(len(_token_ids(tok, r)) + 1 for r in responses))
+                + sum(len(response_token_ids(tok, r)) for r in responses))
 
     def response_tokens(self, responses: list[list[str]], max_new_tokens: int) -> int:
-        """Generated tokens of responses [N][K] (+ EOS, capped at ``max_new_tokens``)."""
+        """Generated tokens of responses [N][K]: their ids where the samples recorded them (a
+        :class:`alignment.sampling.Samples`), else the texts' tokens + EOS, capped at ``max_new_tokens``."""
         from alignment.policies import _token_ids
 
+        ids = getattr(responses, "token_ids", None)
+        if ids is not None:
+            return sum(len(r) for row in ids for r in row)
         tok = self.tokenizer
         return sum(min(len(_token_ids(tok, r)) + 1, max_new_tokens) for row in responses for r in row)

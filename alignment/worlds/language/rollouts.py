@@ -5,6 +5,7 @@ policy changes every step."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,13 @@ class LanguageRollouts:
         return ([self.prompts[i] for i, row in zip(rows, responses) for _ in row],
                 [y for row in responses for y in row])
 
+    def _flat_ids(self, rows: np.ndarray, responses: list[list[str]]) -> tuple[list[str], list[Any]]:
+        """As :meth:`_flat`, each response as the ids the policy drew where the rollout recorded them (its
+        log-probabilities are of those tokens, alignment.policies.Response)."""
+        prompts, texts = self._flat(rows, responses)
+        ids = getattr(responses, "flat_ids", lambda: None)()
+        return prompts, (ids if ids is not None else texts)
+
     def rollout(self, model: nn.Module, rows: np.ndarray, k: int, generator: torch.Generator) -> Samples:
         from alignment.sampling import GenerationSpec, sample_responses
 
@@ -50,7 +58,7 @@ class LanguageRollouts:
     def rollout_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
         from alignment.policies import prompt_logprob, shares_prompt
 
-        flat_p, flat_y = self._flat(rows, responses)
+        flat_p, flat_y = self._flat_ids(rows, responses)
         logp, tokens = prompt_logprob(model, self.model.tokenizer, flat_p, flat_y,
                                       max_length=self.model.config.max_length, share_prompt=shares_prompt(True))
         self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)

@@ -1,8 +1,9 @@
 """A language-model world's stages (``World``, alignment/worlds/base.py): a causal LM with LoRA, text scorers,
 and every expensive artifact (samples, scores, log-probabilities, adapters) cached by content.
 
-The world keeps one flat table of texts (``texts``, and whether each ended at EOS); response ids [N, K] index
-into it, so the algorithms and the training loop handle ids only and the texts are read back here (ρ).
+The world keeps one flat table of texts (``texts``, whether each ended at EOS, and the token ids the model drew
+for it); response ids [N, K] index into it, so the algorithms and the training loop handle ids only and the
+responses are read back here (ρ: of the drawn token ids, :meth:`LanguageWorld.response`).
 """
 
 from __future__ import annotations
@@ -42,14 +43,15 @@ class LanguageWorld:
     ``seed``), ``scorer``'s reward and safety scorers, ``sampling`` for π_ref's and policies' samples,
     ``evaluation`` for held-out prompts; artifacts in ``store`` (learned scorers' files under ``cache_dir``)."""
 
-    SAMPLES_VERSION = "3"  # 2: top_k disabled (pure π_ref samples); 3: each prompt run once for its K samples
+    SAMPLES_VERSION = "4"  # 2: top_k disabled (pure π_ref samples); 3: each prompt run once for its K samples;
+                           # 4: the generated token ids recorded with the texts
     SCORES_VERSION = "1"
     # Log-probabilities and adapters from before each prompt ran once per group of its responses (policies.
     # prompt_logprob) differ from today's by float rounding only; the versions are bumped so that a warm run
     # gives exactly what a cold one does.
-    LOGPROB_VERSION = "2"  # 2: one run of the prompt per group of its responses
-    ADAPTER_VERSION = "4"  # 2: one adapter stage for every training; 3: LoRA initialised from the run seed;
-                           # 4: the prompt run once per group of its responses
+    LOGPROB_VERSION = "3"  # 2: one run of the prompt per group of its responses; 3: samples as their drawn ids
+    ADAPTER_VERSION = "5"  # 2: one adapter stage for every training; 3: LoRA initialised from the run seed;
+                           # 4: the prompt run once per group of its responses; 5: trained on the drawn ids
 
     def __init__(self, dataset: Any, model: HFModelConfig, scorer: ScorerConfig, sampling: SamplingConfig,
                  evaluation: EvalConfig, *, seed: int, cache_dir: str, store: ArtifactStore):
@@ -67,6 +69,7 @@ class LanguageWorld:
         self._vllm_sampler: Any = None  # sampling.backend=vllm: the engine, built on first use
         self.texts: list[str] = []  # flat table of generated responses; response ids index into it
         self.ended: list[bool | None] = []  # whether each text ended at EOS (else cut at max_new_tokens)
+        self.token_ids: list[tuple[int, ...] | None] = []  # the ids the model drew (None: a dataset's text)
         self.sample_ids: np.ndarray | None = None  # π_ref's samples [N, K], once drawn
         # A scorer that appends EOS to the responses that ended needs to know which did (alignment/scorers.py).
         self._scores_need_ended = any(s.append_eos for s in [self.reward_scorer, *self.safety_scorers])
@@ -123,11 +126,12 @@ class LanguageWorld:
                     responses = sample_responses(handle.model, handle.tokenizer, prompts, gen, seed=seed,
                                                  desc=stage)
             atomic_write_json(out / "samples.json", {"prompts": prompts, "responses": responses,
-                                                     "ended": responses.ended})
+                                                     "ended": responses.ended, "token_ids": responses.token_ids})
 
         result = self.store.get_or_compute(stage, spec, compute=compute, version=self.SAMPLES_VERSION)
         saved = json.loads((result.path / "samples.json").read_text())
-        responses = Samples(saved["responses"], saved.get("ended"))
+        token_ids = [[tuple(ids) for ids in row] for row in saved["token_ids"]]
+        responses = Samples(saved["responses"], saved.get("ended"), token_ids)
         self.compute.add(generated_tokens=self.model.response_tokens(responses, s.max_new_tokens),
                          policy_samples=len(prompts) * num_samples)
         return responses
@@ -146,14 +150,23 @@ class LanguageWorld:
         return self._vllm_sampler
 
     def register(self, responses: list[list[str]]) -> np.ndarray:
-        """Append texts (and whether each ended, from a :class:`Samples`) to the flat table; their ids, [N, K]."""
+        """Append texts (and whether each ended and its drawn token ids, from a :class:`Samples`) to the flat
+        table; their ids, [N, K]."""
         start = len(self.texts)
         ended = getattr(responses, "ended", None)
+        token_ids = getattr(responses, "token_ids", None)
         for i, row in enumerate(responses):
             self.texts.extend(row)
             self.ended.extend(ended[i] if ended is not None else [None] * len(row))
+            self.token_ids.extend(token_ids[i] if token_ids is not None else [None] * len(row))
         k = len(responses[0])
         return np.arange(start, len(self.texts)).reshape(len(responses), k)
+
+    def response(self, i: int) -> str | tuple[int, ...]:
+        """Response ``i`` as its log-probabilities are taken (alignment.policies.Response): the token ids the
+        model drew for a sample; the text (tokenised, + EOS) for a dataset's complete response."""
+        ids = self.token_ids[i]
+        return self.texts[i] if ids is None else ids
 
     def sample_reference(self, generator: torch.Generator) -> tuple[np.ndarray, None]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -195,7 +208,7 @@ class LanguageWorld:
                         [[self.ended[i] for i in row] for row in responses])
         return self.score_texts(self.sample_prompts, texts)
 
-    def sequence_logprob(self, policy: TrainedAdapter | None, prompts: list[str], responses: list[str]
+    def sequence_logprob(self, policy: TrainedAdapter | None, prompts: list[str], responses: list[Any]
                          ) -> torch.Tensor:
         """log π(y|x) of a trained policy (``None``: π_ref) for each (prompt, response), cached by content."""
         from alignment.policies import LOGPROB_BATCH, sequence_logprob
@@ -217,9 +230,9 @@ class LanguageWorld:
         self.compute.add(forward_tokens=self.model.token_count(prompts, responses, batch_size=LOGPROB_BATCH))
         return torch.as_tensor(np.load(result.path / "logprob.npy"))
 
-    def _flat(self, responses: np.ndarray) -> tuple[list[str], list[str]]:
+    def _flat(self, responses: np.ndarray) -> tuple[list[str], list[Any]]:
         return ([p for p, row in zip(self.sample_prompts, responses) for _ in row],
-                [self.texts[i] for row in responses for i in row])
+                [self.response(i) for row in responses for i in row])
 
     def reference_logprob(self, responses: np.ndarray) -> np.ndarray:
         """log π_ref(y|x) of the dual's responses [N, K] (cached)."""
@@ -291,7 +304,7 @@ class LanguageWorld:
                 prompt_of.update(dict.fromkeys(row, x))
             order = sorted(used.tolist(), key=lambda i: (prompt_of[i], i))  # a prompt's responses together
             ref[order] = self.sequence_logprob(None, [self.sample_prompts[prompt_of[i]] for i in order],
-                                               [self.texts[i] for i in order])
+                                               [self.response(i) for i in order])
         tokenizer, max_length = self.model.tokenizer, self.model_cfg.max_length
         share = shares_prompt(share_prompt)
 
@@ -301,7 +314,7 @@ class LanguageWorld:
             ids = ys.flatten()
             prompts = [self.sample_prompts[int(x)] for x in batch["prompt"] for _ in range(j)]
             # Each distinct prompt of the batch run once for its responses (two forwards), or one flat forward.
-            logp, tokens = prompt_logprob(model, tokenizer, prompts, [self.texts[int(i)] for i in ids],
+            logp, tokens = prompt_logprob(model, tokenizer, prompts, [self.response(int(i)) for i in ids],
                                           max_length=max_length, share_prompt=share)
             self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
             return (logp.double() - ref[ids].to(logp.device)).reshape(b, j)
@@ -357,7 +370,7 @@ class LanguageWorld:
         the adapter is keyed by the texts, the items and their labels or targets, the objective, β, the trainer
         config and the seed, so reruns and sweeps reuse it."""
         used = sorted(set(response_ids(items).flatten().tolist()))
-        spec = {"texts": content_digest([self.sample_prompts, [self.texts[i] for i in used]]),
+        spec = {"texts": content_digest([self.sample_prompts, [self.response(i) for i in used]]),
                 "pairs": items_digest(items),
                 "beta": beta, "trainer": asdict(trainer),
                 # (absent for pairs, so that adapters trained before the key existed stay valid)
