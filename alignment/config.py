@@ -418,7 +418,10 @@ class SamplingConfig:
 
     num_samples: int = 64  # K responses per prompt
     exact: bool = False  # tabular only: list every candidate with its π_ref probability instead of sampling
-    temperature: float = 1.0  # language models: sample π_ref itself (T = 1, top_p = 1) so the dual is unbiased
+    # Language models: π_ref and every policy are the model's logits at temperature T, in sampling and in every
+    # log-probability, ratio and KL (T = 1: the raw model; T < 1: the model as a decoder would sample it, whose
+    # samples are coherent text). top_p must stay 1: a truncated sampler has no log-probabilities to match.
+    temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
     batch_size: int = 64  # sequences per generate() call
@@ -441,8 +444,13 @@ class SamplingConfig:
             raise ValueError(f"sampling.backend: 'hf' or 'vllm', got {self.backend!r}")
         if self.num_samples < 2:
             raise ValueError(f"sampling.num_samples: the dual needs K >= 2, got {self.num_samples}")
-        if not self.temperature > 0 or not 0 < self.top_p <= 1:
-            raise ValueError("sampling.temperature must be > 0 and sampling.top_p in (0, 1]")
+        if not self.temperature > 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if self.top_p != 1:
+            raise ValueError(f"sampling.top_p={self.top_p}: the samples' log-probabilities (the dual's weights, stage "
+                             "2's ratios, the KL) are those of the model at sampling.temperature, untruncated; a top_p "
+                             "sampler draws from another distribution. Keep sampling.top_p=1 and lower "
+                             "sampling.temperature for more coherent samples")
 
 
 @dataclass

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # A response: a text, which is a complete answer (tokenised, + EOS), or the ids a model generated, as they are
 # (up to and including the EOS where it ended; alignment/sampling.py's ``Samples.token_ids``).
+# Log-probabilities take a ``temperature`` T: a policy sampled at T is softmax(logits / T) token by token, and
+# that is the distribution whose log-probabilities, ratios and KL the method needs (T = 1: the raw model).
 Response = str | tuple[int, ...]
 
 
@@ -208,8 +210,9 @@ def _token_ids(tokenizer: Any, text: str) -> tuple[int, ...]:
     return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ over response tokens of log p(token | prefix), [B]. Gradients flow when the caller enables them.
+def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Σ over response tokens of log p_T(token | prefix), [B], p_T = softmax(logits / T) (the policy sampled at
+    temperature T: :data:`Response`). Gradients flow when the caller enables them.
 
     Only positions from the earliest response token on go through the LM head: with a 49k-token vocabulary
     the head and its log-softmax are a quarter of a small model's training step, and prompt positions are
@@ -222,7 +225,7 @@ def token_logprob_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     first = int(mask.any(dim=0).nonzero()[0]) if mask.any() else ids.shape[1] - 1  # earliest response token
     keep = ids.shape[1] - first + 1  # hidden states first-1 .. L-1; the last predicts past the end
     kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
-    logits = model(input_ids=ids, attention_mask=attention, **kwargs).logits[:, -keep:-1].float()
+    logits = model(input_ids=ids, attention_mask=attention, **kwargs).logits[:, -keep:-1].float() / temperature
     targets = ids[:, first:]
     # Fused log-softmax + gather: no [B, L, V] log-probability tensor is materialised.
     logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -250,7 +253,7 @@ def prompt_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> A
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
 
 
-def groups_logprob_sum(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+def groups_logprob_sum(model: nn.Module, enc: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """Σ over response tokens of log p(token | prompt, earlier tokens) for each response of
     :func:`encode_groups`, [B]: the numbers :func:`token_logprob_sum` gives for the flat pairs, with each
     distinct prompt run once.
@@ -270,21 +273,21 @@ def groups_logprob_sum(model: nn.Module, enc: dict[str, torch.Tensor]) -> torch.
     if width == 0:
         return torch.zeros(b, device=device)
     head = prompt_forward(model, prompt, prompt_mask)
-    first = head.logits[:, -1].float().log_softmax(-1)[group, ids[:, 0]]  # each first token, from its prompt
+    first = (head.logits[:, -1].float() / temperature).log_softmax(-1)[group, ids[:, 0]]  # each first token
     cache = head.cache  # (transformers 5.x names the key-value cache ``cache``, formerly ``past_key_values``)
     cache.batch_select_indices(group)  # one row per response
     attention = torch.cat([prompt_mask[group], torch.ones_like(ids)], dim=1)
     positions = prompt_mask.sum(-1, keepdim=True)[group] + torch.arange(width, device=device)
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, cache=cache,
-                   use_cache=True).logits[:, :-1].float()
+                   use_cache=True).logits[:, :-1].float() / temperature
     # Fused log-softmax + gather: no [B, R, V] log-probability tensor is materialised.
     rest = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
     return first * mask[:, 0] + (rest * mask[:, 1:]).sum(dim=-1)
 
 
 def prompt_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Response], *,
-                   max_length: int, batch_size: int | None = None, share_prompt: bool = True
-                   ) -> tuple[torch.Tensor, int]:
+                   max_length: int, batch_size: int | None = None, share_prompt: bool = True,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """log π(y|x) summed over response tokens for each (prompt, response), [B] float32 in input order, and the
     tokens processed, ``batch_size`` pairs at a time (all at once: None). ``share_prompt``: each distinct
     prompt of a batch run once (:func:`groups_logprob_sum`); else every pair as its own sequence
@@ -295,11 +298,11 @@ def prompt_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], res
         ps, ys = prompts[start:start + size], responses[start:start + size]
         if share_prompt:
             enc = encode_groups(tokenizer, ps, ys, max_length=max_length)
-            parts.append(groups_logprob_sum(model, enc))
+            parts.append(groups_logprob_sum(model, enc, temperature))
             tokens += group_tokens(enc)
         else:
             enc = encode_pairs(tokenizer, ps, ys, max_length=max_length)
-            parts.append(token_logprob_sum(model, enc))
+            parts.append(token_logprob_sum(model, enc, temperature))
             tokens += int(enc["attention_mask"].sum())
     return (torch.cat(parts) if parts else torch.zeros(0)), tokens
 
@@ -317,9 +320,11 @@ LOGPROB_BATCH = 32  # pairs per forward in sequence_logprob
 
 @torch.no_grad()
 def sequence_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Response], *,
-                     batch_size: int = LOGPROB_BATCH, max_length: int = 512) -> torch.Tensor:
+                     batch_size: int = LOGPROB_BATCH, max_length: int = 512, temperature: float = 1.0
+                     ) -> torch.Tensor:
     """log π(y|x) summed over response tokens for each (prompt, response), [B] float64, in input order
     (:func:`prompt_logprob`: each distinct prompt of a batch run once). Pairs are taken in input order: callers
     pass a prompt's responses together (the world's [N, K] samples), so a batch holds few prompts."""
-    logp, _ = prompt_logprob(model, tokenizer, prompts, responses, max_length=max_length, batch_size=batch_size)
+    logp, _ = prompt_logprob(model, tokenizer, prompts, responses, max_length=max_length, batch_size=batch_size,
+                             temperature=temperature)
     return logp.double().cpu()

@@ -87,8 +87,8 @@ def lm(request, tmp_path_factory):
     return request.param, policy
 
 
-def _samples(policy, k=16, max_new_tokens=12, seed=3):
-    spec = GenerationSpec(num_samples=k, max_new_tokens=max_new_tokens, batch_size=2 * k)
+def _samples(policy, k=16, max_new_tokens=12, seed=3, temperature=1.0):
+    spec = GenerationSpec(num_samples=k, max_new_tokens=max_new_tokens, batch_size=2 * k, temperature=temperature)
     return sample_responses(policy.model, policy.tokenizer, PROMPTS, spec, seed=seed, progress=False)
 
 
@@ -127,27 +127,33 @@ def test_reencoding_the_text_would_not_give_the_drawn_ids(lm):
     assert changed > len(texts) // 2, (kind, changed)
 
 
-def test_logprob_of_drawn_ids_equals_generate_scores(lm):
-    """log π(y|x) of the recorded ids (sequence_logprob, prompts shared) equals the sum of generate()'s own
-    per-step log-softmax at the drawn tokens (output_logits at T = 1, no top-k/top-p): float32 forwards over the
-    same tokens in a different batch layout, so equal to ~1e-5 per token; 1e-3 over <= 12 tokens is loose."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprob_of_drawn_ids_equals_generate_scores(lm, temperature):
+    """log π_T(y|x) of the recorded ids (sequence_logprob at the sampling temperature, prompts shared) equals the
+    sum of the log-softmax of generate()'s own sampling scores at the drawn tokens (output_scores: the logits
+    after its temperature warper, no top-k/top-p): the distribution each token was drawn from. float32 forwards
+    over the same tokens in another batch layout agree to ~1e-5 per token; 1e-3 over <= 12 tokens is loose. At
+    T = 0.7 the raw model's log-probabilities differ from these by far more than that (checked too)."""
     _, policy = lm
     tok, model = policy.tokenizer, policy.model
-    out = _samples(policy, k=4)
+    out = _samples(policy, k=4, temperature=temperature)
     ids, mask = left_padded([prompt_token_ids(tok, p) for p in PROMPTS], tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3 * 1_000_003)
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=12,
-                             num_return_sequences=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                             output_logits=True, return_dict_in_generate=True)
+                             temperature=temperature, num_return_sequences=4, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
     drawn, _ = generated_ids(gen.sequences[:, ids.shape[1]:], tok.eos_token_id)
     assert drawn == out.flat_ids()
-    steps = torch.stack(gen.logits, dim=1).double().log_softmax(-1)  # [B, T, V]
+    steps = torch.stack(gen.scores, dim=1).double().log_softmax(-1)  # [B, T, V]
     expected = torch.tensor([sum(steps[b, t, token].item() for t, token in enumerate(row))
                              for b, row in enumerate(drawn)], dtype=torch.float64)
     flat_prompts = [p for p in PROMPTS for _ in range(4)]
-    got = sequence_logprob(model, tok, flat_prompts, out.flat_ids())
+    got = sequence_logprob(model, tok, flat_prompts, out.flat_ids(), temperature=temperature)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    if temperature != 1.0:
+        raw = sequence_logprob(model, tok, flat_prompts, out.flat_ids())
+        assert (raw - expected).abs().max() > 0.1
 
 
 def test_a_text_response_is_complete_and_gets_eos(lm):

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from alignment.config import EvalConfig
+from alignment.config import EvalConfig, SamplingConfig
 from alignment.intervals import percentile_interval
 from alignment.sampling import Samples
 from alignment.store import ArtifactStore, atomic_write_json, content_digest
@@ -26,6 +26,8 @@ class CachedStages(Protocol):
                  adapter: TrainedAdapter | None) -> Samples: ...
 
     def score_texts(self, prompts: list[str], responses: list[list[str]]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    sampling: SamplingConfig  # its temperature T: π_ref and the policy are their logits at T
 
 
 def paired_gain(policy_scores: np.ndarray, ref_scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -49,10 +51,12 @@ def evaluate_held_out(stages: CachedStages, model: PolicyModel, prompts: list[st
     pol_r, pol_g = stages.score_texts(prompts, generated)
     flat_p = [p for p in prompts for _ in range(m)]
     flat_y = generated.flat_ids() or [y for row in generated for y in row]  # the drawn ids: the KL is of them
+    t = stages.sampling.temperature  # π_ref and the policy as sampled: their logits at T
     with model.acting_as(policy):
-        logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length)
+        logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length, temperature=t)
     with handle.reference():
-        ref_logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length)
+        ref_logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length,
+                                    temperature=t)
     kl_per_prompt = (logp - ref_logp).numpy().reshape(len(prompts), m).mean(axis=1)
     n = len(prompts)
     idx = rng.integers(0, n, size=(e.bootstrap, n))

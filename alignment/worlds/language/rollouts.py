@@ -60,7 +60,8 @@ class LanguageRollouts:
 
         flat_p, flat_y = self._flat_ids(rows, responses)
         logp, tokens = prompt_logprob(model, self.model.tokenizer, flat_p, flat_y,
-                                      max_length=self.model.config.max_length, share_prompt=shares_prompt(True))
+                                      max_length=self.model.config.max_length, share_prompt=shares_prompt(True),
+                                      temperature=self.sampling.temperature)
         self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
         return logp.double().reshape(len(rows), -1)
 

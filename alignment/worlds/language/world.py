@@ -78,6 +78,13 @@ class LanguageWorld:
                                          self.safety_scorers, self.compute)
 
     @property
+    def _temperature_key(self) -> dict[str, float]:
+        """The sampling temperature T in the keys of what depends on it (log-probabilities, adapters): π_ref and
+        every policy are their logits at T. Absent at T = 1, so entries made before T entered the keys stay valid."""
+        t = self.sampling.temperature
+        return {} if t == 1.0 else {"temperature": t}
+
+    @property
     def sample_prompts(self) -> list[str]:
         """The dual's prompts: the rows of response ids index into them."""
         return self.prompts.dual
@@ -217,7 +224,7 @@ class LanguageWorld:
         from alignment.policies import LOGPROB_BATCH, sequence_logprob
 
         spec = {"model": self.model_id, "texts": content_digest([prompts, responses]),
-                "max_length": self.model_cfg.max_length}
+                "max_length": self.model_cfg.max_length, **self._temperature_key}
         if policy is not None:
             spec["adapter"] = policy.key
 
@@ -225,7 +232,7 @@ class LanguageWorld:
             handle = self.model.handle
             with self.model.acting_as(policy):
                 lp = sequence_logprob(handle.model, handle.tokenizer, prompts, responses,
-                                      max_length=self.model_cfg.max_length)
+                                      max_length=self.model_cfg.max_length, temperature=self.sampling.temperature)
             np.save(out / "logprob.npy", lp.numpy())
 
         stage = "ref_logprob" if policy is None else "policy_logprob"
@@ -318,7 +325,8 @@ class LanguageWorld:
             prompts = [self.sample_prompts[int(x)] for x in batch["prompt"] for _ in range(j)]
             # Each distinct prompt of the batch run once for its responses (two forwards), or one flat forward.
             logp, tokens = prompt_logprob(model, tokenizer, prompts, [self.response(int(i)) for i in ids],
-                                          max_length=max_length, share_prompt=share)
+                                          max_length=max_length, share_prompt=share,
+                                          temperature=self.sampling.temperature)
             self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
             return (logp.double() - ref[ids].to(logp.device)).reshape(b, j)
 
@@ -333,7 +341,8 @@ class LanguageWorld:
         the compute and losses so far, so a run resumed after a kill reports what an uninterrupted one would.
         The store deletes the folder once the adapter is published: it is useless then, and a leftover would
         otherwise be resumed from if the adapter were ever found corrupt and recomputed."""
-        full = {"model": self.model_id, "lora": asdict(self.model_cfg.lora), "seed": self.seed, **spec}
+        full = {"model": self.model_id, "lora": asdict(self.model_cfg.lora), "seed": self.seed,
+                **self._temperature_key, **spec}
         key = self.store.key("adapter", full, version=self.ADAPTER_VERSION)
         work = self.store.root / "checkpoints" / key
 
