@@ -471,9 +471,15 @@ class TrainerConfig:
     # there is a collective and ranks' shares hold different numbers of prompts): one flat forward per
     # micro-batch. Off here too: the single-process run a launch is compared with (tests/test_distributed.py).
     share_prompt: bool = True
+    # Language models: stage 2's forwards and backwards under bf16 autocast ("bf16"; "auto": where the device
+    # computes bf16 natively, alignment.sampling.native_bf16; "none"). The LoRA weights, optimiser and loss stay
+    # float32, and every measurement (π_ref's log-probabilities, fit, KL) is taken in float32 as before.
+    autocast: str = "none"
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "epochs", "batch_size", "grad_accum", "log_every")
+        if self.autocast not in ("none", "bf16", "auto"):
+            raise ValueError(f"trainer.autocast: 'none', 'bf16' or 'auto', got {self.autocast!r}")
         if self.scheduler not in ("constant", "cosine"):
             raise ValueError(f"trainer.scheduler: 'constant' or 'cosine', got {self.scheduler!r}")
 

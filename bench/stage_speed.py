@@ -8,7 +8,7 @@ seconds, tokens per second and the ratio against the first setting of its group:
   per ``generate()`` call (``sampling.batch_size``); bf16 autocast;
 - log-probabilities (π_ref's, cached once per run; the fit and held-out KL): pairs per forward
   (``policies.LOGPROB_BATCH``); bf16 autocast;
-- stage 2 (one listwise step on 2 lists of K): sequences per backward (``trainer.grad_accum``).
+- stage 2 (one listwise step on 2 lists of K): sequences per backward (``trainer.grad_accum``); bf16 autocast.
 
     python bench/stage_speed.py                       # 16 prompts x 8 samples x 32 tokens
     python bench/stage_speed.py --prompts 8 --max-new-tokens 16
@@ -104,16 +104,18 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     step_p, step_y = flat_p[:2 * k], flat_y[:2 * k]  # one step: 2 lists of K
     step_tokens = sum(len(y) for y in step_y)
-    for per_backward in (k, 2 * k):
-        def step(per_backward=per_backward):
+    for per_backward, bf16 in [(k, False), (2 * k, False), (k, True)]:
+        def step(per_backward=per_backward, bf16=bf16):
             for s in range(0, len(step_p), per_backward):
-                logp, _ = prompt_logprob(model, tok, step_p[s:s + per_backward], step_y[s:s + per_backward],
-                                         max_length=256)
+                with autocast(bf16):
+                    logp, _ = prompt_logprob(model, tok, step_p[s:s + per_backward], step_y[s:s + per_backward],
+                                             max_length=256)
                 logp.sum().backward()
             for p in params:
                 p.grad = None
 
-        add("stage-2 step", f"{per_backward} sequences per backward", timed(step, repeats=2), step_tokens)
+        add("stage-2 step", f"{per_backward} sequences per backward{', bf16 autocast' if bf16 else ''}",
+            timed(step, repeats=2), step_tokens)
     model.eval()
     atomic_write_json(Path(args.out), {"args": vars(args), "rows": rows})
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignment.config import HFModelConfig, LoraSpec
+from alignment.config import HFModelConfig, LoraSpec, SamplingConfig, TrainerConfig
 from alignment.policies import (
     _token_ids,
     left_padded,
@@ -167,3 +167,22 @@ def test_a_text_response_is_complete_and_gets_eos(lm):
     c = sequence_logprob(model, tok, PROMPTS[:1], [ids[:-1]])  # the same text cut before EOS
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert (c - a).item() > 0  # dropping the EOS term (a log-probability < 0) raises the sum
+
+
+@pytest.mark.parametrize(("build", "key"), [
+    (lambda: SamplingConfig(autocast="fp16"), "sampling.autocast"),
+    (lambda: TrainerConfig(autocast="yes"), "trainer.autocast"),
+    (lambda: SamplingConfig(top_p=0.9), "sampling.top_p"),
+])
+def test_bad_precision_or_truncation_is_refused_naming_the_key(build, key):
+    with pytest.raises(ValueError, match=key):
+        build()
+
+
+def test_autocast_resolves_per_device():
+    from alignment.sampling import native_bf16, resolve_autocast
+
+    cpu = torch.device("cpu")
+    assert resolve_autocast("none", cpu) == "none" and resolve_autocast("bf16", cpu) == "bf16"
+    assert resolve_autocast("auto", cpu) == ("bf16" if native_bf16(cpu) else "none")
+    assert not native_bf16(torch.device("meta"))

@@ -77,6 +77,13 @@ class LanguageWorld:
         self.rollouts = LanguageRollouts(self.prompts.dual, self.model, sampling, self.reward_scorer,
                                          self.safety_scorers, self.compute)
 
+    def _resolved_autocast(self, setting: str) -> str:
+        """An autocast setting as it runs on this world's device ("auto" is bf16 on one machine, float32 on
+        another), for cache keys."""
+        from alignment.sampling import resolve_autocast
+
+        return resolve_autocast(setting, torch.device(distributed.current().device(self.model_cfg.device)))
+
     @property
     def _temperature_key(self) -> dict[str, float]:
         """The sampling temperature T in the keys of what depends on it (log-probabilities, adapters): π_ref and
@@ -112,7 +119,7 @@ class LanguageWorld:
                  adapter: TrainedAdapter | None) -> Samples:
         """K samples per prompt from π_ref (``adapter=None``) or from a trained adapter, through the configured
         backend; cached by content."""
-        from alignment.sampling import GenerationSpec, autocast, resolve_autocast, sample_responses
+        from alignment.sampling import GenerationSpec, autocast, sample_responses
 
         s = self.sampling
         gen = GenerationSpec(num_samples=num_samples, temperature=s.temperature, top_p=s.top_p,
@@ -122,8 +129,7 @@ class LanguageWorld:
         if s.backend != "hf":  # hf keys stay as they were; other engines draw other (equally valid) samples
             spec.update(backend=s.backend, engine_args=dict(s.vllm_engine_args))
         elif s.autocast != "none":  # as it runs here: "auto" is bf16 on one machine and float32 on another
-            device = torch.device(distributed.current().device(self.model_cfg.device))
-            spec["autocast"] = resolve_autocast(s.autocast, device)
+            spec["autocast"] = self._resolved_autocast(s.autocast)
         if self._scores_need_ended:  # entries written before "ended" was recorded lack it: not reused then
             spec["ended"] = True
 
@@ -295,10 +301,11 @@ class LanguageWorld:
     # -- training ------------------------------------------------------------------------------------------
 
     def _objective(self, items: dict[str, torch.Tensor], objective: str, beta: float, anchor: float,
-                   share_prompt: bool = True) -> Objective:
+                   share_prompt: bool = True, autocast: str = "none") -> Objective:
         """The training loop's objective; π_ref log-probabilities of every response in ``items`` (pairs or
         lists) come from the cache (computed once, adapter disabled)."""
         from alignment.policies import prompt_logprob, shares_prompt
+        from alignment.sampling import autocast as autocast_context
 
         all_ids = response_ids(items)
         used = torch.unique(all_ids)
@@ -324,9 +331,10 @@ class LanguageWorld:
             ids = ys.flatten()
             prompts = [self.sample_prompts[int(x)] for x in batch["prompt"] for _ in range(j)]
             # Each distinct prompt of the batch run once for its responses (two forwards), or one flat forward.
-            logp, tokens = prompt_logprob(model, tokenizer, prompts, [self.response(int(i)) for i in ids],
-                                          max_length=max_length, share_prompt=share,
-                                          temperature=self.sampling.temperature)
+            with autocast_context(autocast, next(model.parameters()).device):
+                logp, tokens = prompt_logprob(model, tokenizer, prompts, [self.response(int(i)) for i in ids],
+                                              max_length=max_length, share_prompt=share,
+                                              temperature=self.sampling.temperature)
             self.compute.add(forward_tokens=tokens, backward_tokens=tokens if torch.is_grad_enabled() else 0)
             return (logp.double() - ref[ids].to(logp.device)).reshape(b, j)
 
@@ -384,13 +392,13 @@ class LanguageWorld:
         used = sorted(set(response_ids(items).flatten().tolist()))
         spec = {"texts": content_digest([self.sample_prompts, [self.response(i) for i in used]]),
                 "pairs": items_digest(items),
-                "beta": beta, "trainer": asdict(trainer),
+                "beta": beta, "trainer": {**asdict(trainer), "autocast": self._resolved_autocast(trainer.autocast)},
                 # (absent for pairs, so that adapters trained before the key existed stay valid)
                 **({"objective": objective} if objective != "pairwise" else {}),
                 **({"anchor": anchor} if anchor else {})}
 
         def run(model: nn.Module, work: Path) -> dict[str, Any]:
-            objective_fn = self._objective(items, objective, beta, anchor, trainer.share_prompt)
+            objective_fn = self._objective(items, objective, beta, anchor, trainer.share_prompt, trainer.autocast)
             result = train_items(model, items, objective_fn, cfg=trainer, seed=self.seed, log=log, progress=progress,
                                  checkpoint_dir=work if trainer.checkpoint_every else None,
                                  meter=self.compute)  # checkpoints carry the compute spent before them
