@@ -489,6 +489,9 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for confidence intervals of the achieved gains
     level: float = 0.95
     num_samples: int = 4  # language models: responses per held-out prompt from the policy and from π_ref
+    # fit/*: measured on this many of the dual's prompts, drawn from the run's seed (null: all of them). Each
+    # needs the policy's log-probabilities of its K samples, a forward as long as π_ref's over the same samples.
+    fit_prompts: int | None = None
     # insample/*: fresh responses per dual prompt from the trained policy, scored against π_ref's own samples
     # (the dual's data), which splits the predicted-vs-held-out gap into fit and generalisation; 0 skips it.
     # The tabular world with sampling.exact measures it exactly.
@@ -511,6 +514,9 @@ class EvalConfig:
         if self.insample_samples < 0:
             raise ValueError(f"eval.insample_samples: responses per dual prompt, >= 0 (0 skips insample/*), "
                              f"got {self.insample_samples}")
+        if self.fit_prompts is not None and self.fit_prompts < 2:
+            raise ValueError(f"eval.fit_prompts: dual prompts to measure fit/* on, >= 2 (null: all), "
+                             f"got {self.fit_prompts}")
 
 
 @dataclass

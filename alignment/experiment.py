@@ -107,7 +107,7 @@ COMMON_KEYS = (
     "predicted/safety_gain", "predicted/reward_gain", "predicted/kl",
     "predicted/safety_gain_ci", "predicted/reward_gain_ci", "predicted/kl_ci",
     "train/final_loss", "train/steps", "train/pairs", "train/cached", "train/adapter",
-    "fit/target_kl", "fit/slope", "fit/corr", "fit/component_slopes", "fit/log_mass",
+    "fit/target_kl", "fit/slope", "fit/corr", "fit/component_slopes", "fit/log_mass", "fit/prompts",
     "insample/safety_gain", "insample/safety_gain_ci", "insample/reward_gain", "insample/reward_gain_ci",
 )
 
@@ -351,10 +351,21 @@ def _fit(outcome: Outcome, ctx: AlignmentContext) -> dict[str, Any]:
             or cfg.pair_source != "samples"):
         return {}
     reward, safety = outcome.dual_scores or (ctx.reward, ctx.safety)
-    parts = np.concatenate([reward[..., None], safety * outcome.lam], axis=-1) / cfg.beta  # [N, K, 1 + m]
-    fit = fit_diagnostics(parts.sum(axis=-1), ctx.world.logratio(outcome.policy, ctx.responses), ctx.ref_logprob,
+    rows = fit_rows(len(reward), ctx.cfg.eval.fit_prompts, ctx.cfg.seed)
+    parts = np.concatenate([reward[rows, :, None], safety[rows] * outcome.lam], axis=-1) / cfg.beta  # [n, K, 1 + m]
+    ref = None if ctx.ref_logprob is None else ctx.ref_logprob[rows]
+    fit = fit_diagnostics(parts.sum(axis=-1), ctx.world.logratio(outcome.policy, ctx.responses, rows), ref,
                           components=parts)
-    return {f"fit/{k}": v for k, v in fit.items()}
+    return {**{f"fit/{k}": v for k, v in fit.items()}, "fit/prompts": len(rows)}
+
+
+def fit_rows(n: int, fit_prompts: int | None, seed: int) -> np.ndarray:
+    """The dual's prompts the fit is measured on: all N, or ``eval.fit_prompts`` of them drawn without
+    replacement from the run's seed (sorted). The fit's numbers are means and within-prompt regressions over
+    prompts, so a few dozen prompts estimate them to a few hundredths, for a fraction of a forward over all."""
+    if fit_prompts is None or fit_prompts >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 7]).choice(n, size=fit_prompts, replace=False))
 
 
 def _insample(outcome: Outcome, ctx: AlignmentContext, generator: torch.Generator, rng: np.random.Generator
@@ -417,6 +428,10 @@ def format_report(summary: dict[str, Any]) -> str:
                     "not reach the margin)" if infeasible > 0 and summary.get("dual/lambda_ci") else "")
         return ci(summary.get("dual/lambda_ci")) + feasible
 
+    def fit_subset() -> str:
+        n, of = summary.get("fit/prompts"), summary.get("dual/prompts")
+        return f" ({n} of {of} prompts)" if n is not None and of is not None and n < of else ""
+
     compute = summary.get("compute/training_runs")
     newton = summary.get("mocan_newton/lambda0") is not None
     return "\n".join([
@@ -430,7 +445,7 @@ def format_report(summary: dict[str, Any]) -> str:
         *gains("safety"),
         *gains("reward"),
         f"KL           predicted {vec(summary['predicted/kl'])}  held-out {vec(summary['eval/kl'])}",
-        *([f"fit to π_λ on the dual's samples: KL(target ‖ policy) {summary['fit/target_kl']:.4f}  "
+        *([f"fit to π_λ on the dual's samples{fit_subset()}: KL(target ‖ policy) {summary['fit/target_kl']:.4f}  "
            f"slope {summary['fit/slope']:.3f}  corr {summary['fit/corr']:.3f}  (exact fit: 0, 1, 1)"]
           if summary.get("fit/target_kl") is not None else []),
         *([f"  slopes on the parts of r_λ/β: reward {summary['fit/component_slopes'][0]:.3f}, safety "

@@ -69,3 +69,33 @@ def test_log_mass_is_the_shift_the_per_prompt_fit_cannot_see():
     # iid samples, one ratio of three doubled: log((2 + 1 + 1) / 3).
     one = np.array([[math.log(2.0), 0.0, 0.0]])
     assert fit_diagnostics(t[:1], one)["log_mass"] == pytest.approx(math.log(4 / 3), rel=1e-12)
+
+
+def test_fit_on_a_subset_of_prompts_is_the_fit_of_those_rows(tmp_path):
+    """``eval.fit_prompts``: the rows are a seeded subset; a world's log-ratios of a subset are the full ones'
+    rows (tabular world, a moved policy); a run records how many prompts its fit/* are over."""
+    import torch
+
+    from alignment.config import EvalConfig, SamplingConfig, ScorerConfig, TabularDatasetConfig
+    from alignment.experiment import fit_rows, format_report, run_experiment
+    from alignment.worlds.tabular import TabularPolicy, TabularWorld
+
+    rows = fit_rows(120, 30, seed=0)
+    assert len(set(rows.tolist())) == 30 and rows.tolist() == sorted(rows.tolist())
+    assert (rows == fit_rows(120, 30, seed=0)).all() and not (rows == fit_rows(120, 30, seed=1)).all()
+    assert (fit_rows(120, None, 0) == np.arange(120)).all() and (fit_rows(20, 30, 0) == np.arange(20)).all()
+
+    world = TabularWorld(TabularDatasetConfig(n_prompts=120), ScorerConfig(), SamplingConfig(num_samples=8),
+                         EvalConfig(), seed=0)
+    ids, _ = world.sample_reference(torch.Generator().manual_seed(0))
+    policy = TabularPolicy(world.tables.ref_logits)
+    with torch.no_grad():
+        policy.logits.add_(torch.randn_like(policy.logits, generator=torch.Generator().manual_seed(1)))
+    np.testing.assert_array_equal(world.logratio(policy, ids, rows), world.logratio(policy, ids)[rows])
+
+    from tests.test_tabular import tabular_config
+
+    cfg = tabular_config(tmp_path, epochs=5)
+    cfg.eval.fit_prompts = 30
+    s = run_experiment(cfg, progress=False)
+    assert s["fit/prompts"] == 30 and "(30 of 120 prompts)" in format_report(s)

@@ -76,8 +76,9 @@ class World(Protocol):
         """A policy trained from π_ref by ``run`` (an online algorithm's own loop), keyed by ``spec``."""
         ...
 
-    def logratio(self, policy: Any, responses: np.ndarray) -> np.ndarray:
-        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K]."""
+    def logratio(self, policy: Any, responses: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K]; with ``rows``, of those prompts' only,
+        [len(rows), K]."""
         ...
 
     def policy_scores(self, policy: Any, num_samples: int, generator: torch.Generator

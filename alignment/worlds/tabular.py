@@ -220,11 +220,13 @@ class TabularWorld:
         return self.online_policy({}, run)
 
     @torch.no_grad()
-    def logratio(self, policy: TabularPolicy, responses: np.ndarray) -> np.ndarray:
-        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β)."""
-        x = torch.arange(responses.shape[0])
-        y = torch.as_tensor(responses)
-        self.compute.add(forward_tokens=responses.size)
+    def logratio(self, policy: TabularPolicy, responses: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β); with
+        ``rows``, of those prompts' only."""
+        rows = np.arange(responses.shape[0]) if rows is None else np.asarray(rows)
+        x = torch.as_tensor(rows)
+        y = torch.as_tensor(responses[rows])
+        self.compute.add(forward_tokens=y.numel())
         return (policy.log_prob(x, y) - policy.ref_log_prob(x, y)).numpy()
 
     @torch.no_grad()

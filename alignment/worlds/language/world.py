@@ -246,18 +246,22 @@ class LanguageWorld:
         self.compute.add(forward_tokens=self.model.token_count(prompts, responses, batch_size=LOGPROB_BATCH))
         return torch.as_tensor(np.load(result.path / "logprob.npy"))
 
-    def _flat(self, responses: np.ndarray) -> tuple[list[str], list[Any]]:
-        return ([p for p, row in zip(self.sample_prompts, responses) for _ in row],
-                [self.response(i) for row in responses for i in row])
+    def _flat(self, responses: np.ndarray, rows: np.ndarray | None = None) -> tuple[list[str], list[Any]]:
+        """Each response of ``responses`` [N, K] (or of its ``rows``) with its prompt, flat."""
+        rows = range(len(responses)) if rows is None else rows
+        return ([self.sample_prompts[x] for x in rows for _ in responses[x]],
+                [self.response(i) for x in rows for i in responses[x]])
 
     def reference_logprob(self, responses: np.ndarray) -> np.ndarray:
         """log π_ref(y|x) of the dual's responses [N, K] (cached)."""
         return self.sequence_logprob(None, *self._flat(responses)).numpy().reshape(responses.shape)
 
-    def logratio(self, policy: TrainedAdapter, responses: np.ndarray) -> np.ndarray:
-        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β)."""
-        logp = self.sequence_logprob(policy, *self._flat(responses)).numpy().reshape(responses.shape)
-        return logp - self.reference_logprob(responses)
+    def logratio(self, policy: TrainedAdapter, responses: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """log π(y|x) - log π_ref(y|x) of the dual's responses [N, K] (PeCAN's implicit rewards, up to β); with
+        ``rows``, of those prompts' only, [len(rows), K] (π_ref's from the one cached pass over all of them)."""
+        rows = np.arange(len(responses)) if rows is None else np.asarray(rows)
+        logp = self.sequence_logprob(policy, *self._flat(responses, rows)).numpy().reshape(len(rows), -1)
+        return logp - self.reference_logprob(responses)[rows]
 
     def policy_scores(self, policy: TrainedAdapter, num_samples: int, generator: torch.Generator
                       ) -> tuple[np.ndarray, np.ndarray]:
