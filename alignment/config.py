@@ -438,8 +438,7 @@ class SamplingConfig:
     autocast: str = "none"
 
     def __post_init__(self) -> None:
-        if self.autocast not in ("none", "bf16", "auto"):
-            raise ValueError(f"sampling.autocast: 'none', 'bf16' or 'auto', got {self.autocast!r}")
+        _one_of(self, "sampling", "autocast", AUTOCAST)
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"sampling.backend: 'hf' or 'vllm', got {self.backend!r}")
         if self.num_samples < 2:
@@ -478,8 +477,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "epochs", "batch_size", "grad_accum", "log_every")
-        if self.autocast not in ("none", "bf16", "auto"):
-            raise ValueError(f"trainer.autocast: 'none', 'bf16' or 'auto', got {self.autocast!r}")
+        _one_of(self, "trainer", "autocast", AUTOCAST)
         if self.scheduler not in ("constant", "cosine"):
             raise ValueError(f"trainer.scheduler: 'constant' or 'cosine', got {self.scheduler!r}")
 
@@ -566,6 +564,15 @@ class Config:
                 f"safety.constraints ({len(self.safety.constraints)}) and scorer.safety "
                 f"({len(self.scorer.safety)}) must both name the dataset's {n} safety scores"
             )
+
+
+AUTOCAST = ("none", "bf16", "auto")  # sampling.autocast, trainer.autocast (alignment.sampling.resolve_autocast)
+
+
+def _one_of(obj: Any, group: str, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ValueError(f"{group}.{name}: one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
 def _positive(obj: Any, *names: str) -> None:

@@ -365,6 +365,7 @@ def fit_rows(n: int, fit_prompts: int | None, seed: int) -> np.ndarray:
     prompts, so a few dozen prompts estimate them to a few hundredths, for a fraction of a forward over all."""
     if fit_prompts is None or fit_prompts >= n:
         return np.arange(n)
+    # A stream of its own ([seed, 7]: no other stream is seeded so), so the subset does not move when other draws do.
     return np.sort(np.random.default_rng([seed, 7]).choice(n, size=fit_prompts, replace=False))
 
 

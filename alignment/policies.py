@@ -139,27 +139,18 @@ def _pair_ids(tokenizer: Any, prompt: str, response: Response, max_length: int) 
     return p_ids, response_token_ids(tokenizer, response)[: max(max_length - len(p_ids), 1)]
 
 
-def _right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of token ids right-padded to the longest, [B, L], with the mask of real tokens."""
+def padded(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids padded to the longest, [B, L], with the mask of real tokens (bool). Right padding keeps
+    each row's start at position 0; left padding (``left``) ends every row at the same position, where its
+    continuation (a response, a generation) starts."""
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = True
-    return ids, mask
-
-
-def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of token ids left-padded to the longest, [B, L], with the mask of real tokens (long): every row
-    ends at the same position, where its continuation (a response, a generation) starts."""
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = True
     return ids, mask
 
 
@@ -175,7 +166,7 @@ def encode_pairs(tokenizer: Any, prompts: Sequence[str], responses: Sequence[Res
     boundary is exact; when a sequence exceeds ``max_length`` the response is truncated, never the prompt.
     """
     pairs = [_pair_ids(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
-    input_ids, attention = _right_padded([p + r for p, r in pairs], _pad_id(tokenizer))
+    input_ids, attention = padded([p + r for p, r in pairs], _pad_id(tokenizer))
     response_mask = torch.zeros_like(attention)
     for i, (p_ids, r_ids) in enumerate(pairs):
         response_mask[i, len(p_ids): len(p_ids) + len(r_ids)] = True
@@ -193,8 +184,9 @@ def encode_groups(tokenizer: Any, prompts: Sequence[str], responses: Sequence[Re
     prompt_rows: list[list[int]] = [[] for _ in row_of]
     for g, (p_ids, _) in zip(group.tolist(), pairs):
         prompt_rows[g] = p_ids
-    prompt_ids, prompt_mask = left_padded(prompt_rows, _pad_id(tokenizer))  # every prompt ends where its responses start
-    response_ids, response_mask = _right_padded([r for _, r in pairs], _pad_id(tokenizer))
+    prompt_ids, prompt_mask = padded(prompt_rows, _pad_id(tokenizer), left=True)  # ending where responses start
+    prompt_mask = prompt_mask.long()
+    response_ids, response_mask = padded([r for _, r in pairs], _pad_id(tokenizer))
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
             "response_mask": response_mask, "group": group}
 

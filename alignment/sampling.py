@@ -15,6 +15,7 @@ different random streams, so their samples are not interchangeable.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from alignment.policies import _pad_id, left_padded, prompt_forward, prompt_token_ids
+from alignment.policies import _pad_id, padded, prompt_forward, prompt_token_ids
 
 BACKENDS = ("hf", "vllm")
 VLLM_MISSING = ("sampling.backend=vllm: vLLM is not installed in this environment. Install it with "
@@ -96,8 +97,8 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], spec: G
     for b, start in enumerate(tqdm(range(0, len(prompts), per_call), desc=desc,
                                     disable=None if progress else True, leave=False)):
         chunk = prompts[start:start + per_call]
-        prompt_ids, prompt_mask = left_padded([prompt_token_ids(tokenizer, p) for p in chunk], _pad_id(tokenizer))
-        enc = {"input_ids": prompt_ids.to(device), "attention_mask": prompt_mask.to(device)}
+        prompt_ids, prompt_mask = padded([prompt_token_ids(tokenizer, p) for p in chunk], _pad_id(tokenizer), left=True)
+        enc = {"input_ids": prompt_ids.to(device), "attention_mask": prompt_mask.long().to(device)}
         inputs = _shared_prompts(model, enc, k)
         # top_k=0: generate() otherwise truncates to the model's default top-50, and the dual's samples must
         # come from π_ref itself. fork_rng leaves the caller's global RNG untouched.
@@ -145,8 +146,12 @@ def native_bf16(device: torch.device) -> bool:
     or AMX). Elsewhere bf16 autocast is emulated and slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
+    return device.type == "cpu" and _cpu_has_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    """The CPU's flags, read once per process (every sampling call's cache key asks)."""
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:  # not Linux: no way to tell here, so no autocast

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from alignment.hydra_app import register_configs
-from alignment.policies import _token_ids, sequence_logprob
+from alignment.policies import response_token_ids, sequence_logprob
 from alignment.store import ArtifactStore, atomic_write_json
 from alignment.worlds import build_world
 
@@ -52,7 +52,7 @@ def main() -> None:
     prompts = [world.sample_prompts[i] for i in range(ids.shape[0]) for _ in range(ids.shape[1])]
     drawn = [world.token_ids[i] for i in flat]
     texts = [world.texts[i] for i in flat]
-    reencoded = [(*_token_ids(tok, t), tok.eos_token_id) for t in texts]
+    reencoded = [tuple(response_token_ids(tok, t)) for t in texts]  # what the old path scored: text + EOS
     changed = np.array([a != b for a, b in zip(drawn, reencoded)])
     eos = tok.eos_token_id
     changed_text = np.array([tuple(t for t in a if t != eos) != tuple(t for t in b if t != eos)

@@ -16,8 +16,8 @@ import torch
 from alignment.config import HFModelConfig, LoraSpec, SamplingConfig, TrainerConfig
 from alignment.policies import (
     _token_ids,
-    left_padded,
     load_policy,
+    padded,
     prompt_token_ids,
     sequence_logprob,
 )
@@ -98,7 +98,8 @@ def test_recorded_ids_are_what_generate_drew(lm):
     _, policy = lm
     tok, model = policy.tokenizer, policy.model
     out = _samples(policy)
-    ids, mask = left_padded([prompt_token_ids(tok, p) for p in PROMPTS], tok.pad_token_id)
+    ids, mask = padded([prompt_token_ids(tok, p) for p in PROMPTS], tok.pad_token_id, left=True)
+    mask = mask.long()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3 * 1_000_003)
         plain = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=12,
@@ -137,7 +138,8 @@ def test_logprob_of_drawn_ids_equals_generate_scores(lm, temperature):
     _, policy = lm
     tok, model = policy.tokenizer, policy.model
     out = _samples(policy, k=4, temperature=temperature)
-    ids, mask = left_padded([prompt_token_ids(tok, p) for p in PROMPTS], tok.pad_token_id)
+    ids, mask = padded([prompt_token_ids(tok, p) for p in PROMPTS], tok.pad_token_id, left=True)
+    mask = mask.long()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3 * 1_000_003)
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=12,

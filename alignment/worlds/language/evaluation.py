@@ -50,7 +50,7 @@ def evaluate_held_out(stages: CachedStages, model: PolicyModel, prompts: list[st
     ref_r, ref_g = stages.score_texts(prompts, ref)
     pol_r, pol_g = stages.score_texts(prompts, generated)
     flat_p = [p for p in prompts for _ in range(m)]
-    flat_y = generated.flat_ids() or [y for row in generated for y in row]  # the drawn ids: the KL is of them
+    flat_y = generated.flat_ids()  # the drawn ids: the KL is of them
     t = stages.sampling.temperature  # π_ref and the policy as sampled: their logits at T
     with model.acting_as(policy):
         logp = sequence_logprob(handle.model, handle.tokenizer, flat_p, flat_y, max_length=max_length, temperature=t)

@@ -5,7 +5,6 @@ policy changes every step."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,13 +33,6 @@ class LanguageRollouts:
         return ([self.prompts[i] for i, row in zip(rows, responses) for _ in row],
                 [y for row in responses for y in row])
 
-    def _flat_ids(self, rows: np.ndarray, responses: list[list[str]]) -> tuple[list[str], list[Any]]:
-        """As :meth:`_flat`, each response as the ids the policy drew where the rollout recorded them (its
-        log-probabilities are of those tokens, alignment.policies.Response)."""
-        prompts, texts = self._flat(rows, responses)
-        ids = getattr(responses, "flat_ids", lambda: None)()
-        return prompts, (ids if ids is not None else texts)
-
     def rollout(self, model: nn.Module, rows: np.ndarray, k: int, generator: torch.Generator) -> Samples:
         from alignment.sampling import GenerationSpec, sample_responses
 
@@ -55,10 +47,12 @@ class LanguageRollouts:
                          policy_samples=len(rows) * k)
         return responses
 
-    def rollout_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
+    def rollout_logprob(self, model: nn.Module, rows: np.ndarray, responses: Samples) -> torch.Tensor:
+        """log π(y|x) of a rollout's responses, [len(rows), k]: of the ids the policy drew."""
         from alignment.policies import prompt_logprob, shares_prompt
 
-        flat_p, flat_y = self._flat_ids(rows, responses)
+        flat_p = self._flat(rows, responses)[0]
+        flat_y = responses.flat_ids()
         logp, tokens = prompt_logprob(model, self.model.tokenizer, flat_p, flat_y,
                                       max_length=self.model.config.max_length, share_prompt=shares_prompt(True),
                                       temperature=self.sampling.temperature)
@@ -66,7 +60,7 @@ class LanguageRollouts:
         return logp.double().reshape(len(rows), -1)
 
     @torch.no_grad()
-    def rollout_ref_logprob(self, model: nn.Module, rows: np.ndarray, responses: list[list[str]]) -> torch.Tensor:
+    def rollout_ref_logprob(self, model: nn.Module, rows: np.ndarray, responses: Samples) -> torch.Tensor:
         with self.model.handle.reference():
             return self.rollout_logprob(model, rows, responses)
 
